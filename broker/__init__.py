@@ -1,0 +1,3 @@
+"""Workload-identity credential broker for AI agents."""
+
+__version__ = "0.1.0"
