@@ -17,6 +17,7 @@ from broker.errors import InvalidSpiffeId
 
 SCHEME = "spiffe://"
 MAX_ID_BYTES = 2048
+MAX_TRUST_DOMAIN_BYTES = 255  # SPIFFE-ID 2.3: the URI host is at most 255 characters
 _TD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
 _SEGMENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
@@ -24,6 +25,8 @@ _SEGMENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ
 def _check_trust_domain(name: str) -> None:
     if not name:
         raise InvalidSpiffeId("trust domain is missing")
+    if len(name) > MAX_TRUST_DOMAIN_BYTES:
+        raise InvalidSpiffeId(f"trust domain is longer than {MAX_TRUST_DOMAIN_BYTES} bytes")
     bad = sorted(set(name) - _TD_CHARS)
     if bad:
         raise InvalidSpiffeId(f"trust domain has a character outside [a-z0-9.-_]: {bad[0]!r}")
