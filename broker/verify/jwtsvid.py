@@ -1,0 +1,67 @@
+"""JWT-SVID verification against the JWT bundles of the configured trust domains.
+
+The trust domain is read from the unverified `sub` only to choose which bundle verifies the
+token; a token signed by another domain's key then fails on the key, so `sub` always names a
+SPIFFE ID of the domain whose bundle verified it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from broker.errors import CredentialRejected, InvalidSpiffeId
+from broker.identity import AuthKind, Identity, SpiffeId, TrustDomain
+from broker.verify.jwt_common import KeySet, parse_token, verify_token
+
+
+def _subject(payload: Mapping[str, Any]) -> SpiffeId:
+    sub = payload.get("sub")
+    if sub is None:
+        raise CredentialRejected("jwt: sub is required")
+    try:
+        return SpiffeId.parse(sub)
+    except InvalidSpiffeId as e:
+        raise CredentialRejected("jwt-svid: sub is not a spiffe id") from e
+
+
+class JwtSvidVerifier:
+    """Verifies JWT-SVIDs: signed by the bundle of `sub`'s trust domain, `aud` holding ours."""
+
+    def __init__(self, bundles: Mapping[str, Mapping[str, Any]], *, audience: str, clock_skew: float = 30) -> None:
+        """`bundles` maps a trust domain name to its JWT bundle (a JWK set document).
+
+        Raises:
+            ValueError: a bundle is not a JWK set, or the clock skew is negative.
+            InvalidSpiffeId: a key of `bundles` is not a trust domain name.
+        """
+        if clock_skew < 0:
+            raise ValueError("clock skew must not be negative")
+        self._keys = {TrustDomain(name).name: KeySet.from_jwks(jwks) for name, jwks in bundles.items()}
+        self._audience = audience
+        self._leeway = clock_skew
+
+    @property
+    def trust_domains(self) -> tuple[str, ...]:
+        return tuple(self._keys)
+
+    def verify(self, token: str, *, now: float) -> Identity:
+        """Verify a JWT-SVID and return the workload it proves.
+
+        Raises:
+            CredentialRejected: the token breaks a rule; the reason names it.
+        """
+        parsed = parse_token(token)
+        spiffe_id = _subject(parsed.payload)
+        domain = spiffe_id.trust_domain.name
+        keys = self._keys.get(domain)
+        if keys is None:
+            raise CredentialRejected("jwt-svid: no jwt bundle for the trust domain of sub")
+        claims = verify_token(parsed, keys, audience=self._audience, now=now, leeway=self._leeway, require=("sub",))
+        return Identity(
+            principal=str(spiffe_id),
+            kind=AuthKind.JWT_SVID,
+            expires_at=float(claims["exp"]),
+            trust_domain=domain,
+            claims=claims,
+        )
