@@ -281,14 +281,23 @@ def _trust_domain(t: _Table) -> TrustDomainConfig:
     return TrustDomainConfig(name=name, bundle=t.path("bundle"), jwt_bundle=t.path("jwt_bundle", None))
 
 
-def _check_template(value: str, key: str) -> str:
+TEMPLATE_FIELDS = frozenset({"iss", "sub"})
+
+
+def check_subject_template(value: str, key: str = "oidc_issuers.subject_template") -> str:
+    """Return `value` if it names only `{iss}` and `{sub}`, plainly.
+
+    Raises:
+        ConfigError: any other field, an attribute or index access, a conversion or a format spec
+            (`{sub.__class__}` would let a token's claims reach into objects).
+    """
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        parsed = list(string.Formatter().parse(value))
     except ValueError as e:
         raise ConfigError(key, f"not a format template: {e}") from e
-    # Attribute or index access ("{sub.__class__}") would let a token's claims reach into objects.
-    if not fields or not all(f.isidentifier() for f in fields):
-        raise ConfigError(key, 'must name claims as plain {fields}, e.g. "oidc:{iss}#{sub}"')
+    fields = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
+    if not fields or any(name not in TEMPLATE_FIELDS or spec or conv for name, spec, conv in fields):
+        raise ConfigError(key, 'may only use {iss} and {sub}, e.g. "oidc:{iss}#{sub}"')
     return value
 
 
@@ -303,7 +312,7 @@ def _oidc_issuer(t: _Table) -> OidcIssuerConfig:
         audience=t.string("audience"),
         jwks_file=t.path("jwks_file", None),
         jwks_uri=None if jwks_uri is None else _check_url(jwks_uri, t.sub("jwks_uri")),
-        subject_template=_check_template(template, t.sub("subject_template")),
+        subject_template=check_subject_template(template, t.sub("subject_template")),
     )
 
 

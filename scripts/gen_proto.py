@@ -10,7 +10,6 @@ import of `broker.v1.broker_pb2` is rewritten to `broker._proto.broker_pb2`.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path

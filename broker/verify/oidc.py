@@ -12,7 +12,6 @@ import asyncio
 import http.client
 import json
 import logging
-import string
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from broker.clock import Clock, SystemClock
+from broker.config import check_subject_template
 from broker.errors import ConfigError, CredentialRejected, IssuerUnavailable
 from broker.identity import AuthKind, Identity
 from broker.verify.jwt_common import KeySet, UnverifiedToken, parse_token, verify_token
@@ -32,25 +32,7 @@ log = logging.getLogger(__name__)
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 MAX_RESPONSE_BYTES = 1024 * 1024
-_TEMPLATE_FIELDS = frozenset({"iss", "sub"})
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
-
-
-def check_subject_template(template: str) -> str:
-    """Return `template` if it names only `{iss}` and `{sub}`, plainly.
-
-    Raises:
-        ConfigError: any other field, an attribute or index access, a conversion or a format spec.
-    """
-    key = "oidc_issuers.subject_template"
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:
-        raise ConfigError(key, f"not a format template: {e}") from e
-    fields = [(name, spec, conv) for _, name, spec, conv in parsed if name is not None]
-    if not fields or any(name not in _TEMPLATE_FIELDS or spec or conv for name, spec, conv in fields):
-        raise ConfigError(key, 'may only use {iss} and {sub}, e.g. "oidc:{iss}#{sub}"')
-    return template
 
 
 def usable_url(url: str) -> bool:

@@ -1,0 +1,1 @@
+"""The thin gRPC layer: servicers, converters, caller authentication and the status map."""

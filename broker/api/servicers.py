@@ -1,0 +1,109 @@
+"""`CredentialBroker`: thin handlers that authenticate, convert, call one use case, convert back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc as pb_grpc
+from broker.api import convert
+from broker.api.auth import Authenticator
+from broker.api.status import rpc, rpc_stream
+from broker.clock import Clock
+from broker.errors import InvalidRequest, PermissionDenied
+from broker.exchange import Exchange
+from broker.feed import RevocationFeed
+from broker.intent import Limits
+from broker.tokens import TokenMinter
+
+MAX_ID = 256
+
+
+def _id(value: str, name: str) -> str:
+    if not value:
+        raise InvalidRequest(f"{name} is required")
+    if len(value) > MAX_ID:
+        raise InvalidRequest(f"{name} is longer than {MAX_ID} characters")
+    return value
+
+
+class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
+    """The workload- and resource-server-facing service."""
+
+    def __init__(
+        self,
+        *,
+        auth: Authenticator,
+        exchange: Exchange,
+        minter: TokenMinter,
+        feed: RevocationFeed,
+        clock: Clock,
+        limits: Limits,
+    ) -> None:
+        self._auth = auth
+        self._exchange = exchange
+        self._minter = minter
+        self._feed = feed
+        self._clock = clock
+        self._limits = limits
+
+    @rpc
+    async def Exchange(self, request: pb.ExchangeRequest, context: aio.ServicerContext) -> pb.ExchangeResponse:
+        caller = await self._auth.caller(context)
+        issued = await self._exchange.exchange(caller, convert.intent(request, self._limits))
+        return convert.exchange_response(issued, now=self._clock.now())
+
+    @rpc
+    async def Renew(self, request: pb.RenewRequest, context: aio.ServicerContext) -> pb.ExchangeResponse:
+        caller = await self._auth.caller(context)
+        if request.ttl_seconds < 0:
+            raise InvalidRequest("ttl_seconds must not be negative")
+        issued = self._exchange.renew(caller, _id(request.lease_id, "lease_id"), request.ttl_seconds)
+        return convert.exchange_response(issued, now=self._clock.now())
+
+    @rpc
+    async def CompleteTask(
+        self, request: pb.CompleteTaskRequest, context: aio.ServicerContext
+    ) -> pb.CompleteTaskResponse:
+        caller = await self._auth.caller(context)
+        return pb.CompleteTaskResponse(revoked_count=self._exchange.complete_task(caller, request.task_id))
+
+    @rpc
+    async def Introspect(self, request: pb.IntrospectRequest, context: aio.ServicerContext) -> pb.IntrospectResponse:
+        caller = await self._auth.caller(context)
+        if not request.token:
+            raise InvalidRequest("token is required")
+        return convert.introspect_response(self._exchange.introspect(caller, request.token))
+
+    @rpc
+    async def AwaitApproval(
+        self, request: pb.AwaitApprovalRequest, context: aio.ServicerContext
+    ) -> pb.ExchangeResponse:
+        caller = await self._auth.caller(context)
+        issued = await self._exchange.await_approval(caller, _id(request.approval_id, "approval_id"))
+        return convert.exchange_response(issued, now=self._clock.now())
+
+    @rpc
+    async def GetJWKS(self, request: pb.GetJWKSRequest, context: aio.ServicerContext) -> pb.GetJWKSResponse:
+        await self._auth.optional_caller(context)
+        return pb.GetJWKSResponse(jwks_json=self._minter.jwks_json())
+
+    @rpc_stream
+    async def WatchRevocations(
+        self, request: pb.WatchRevocationsRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.RevocationEvent]:
+        caller = await self._auth.caller(context)
+        audience: str | None = request.audience or None
+        if not self._auth.is_admin(caller):
+            if audience not in (None, caller.principal):
+                raise PermissionDenied("a watcher may only watch its own audience")
+            audience = caller.principal
+        sub = self._feed.subscribe(audience)
+        try:
+            await context.send_initial_metadata(())
+            while True:
+                yield convert.revocation_event(await self._feed.next(sub))
+        finally:
+            self._feed.unsubscribe(sub)

@@ -1,0 +1,106 @@
+"""The one map from domain errors to gRPC status codes, and the decorator every RPC wears.
+
+Domain errors map through `STATUS` (the most specific class wins); cancellations pass
+through; anything else is a bug: the caller gets `INTERNAL` with a request id, and the
+traceback goes to the log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from broker import errors
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[errors.BrokerError], grpc.StatusCode] = {
+    errors.BrokerError: grpc.StatusCode.INTERNAL,
+    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidSpiffeId: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.CredentialRejected: grpc.StatusCode.UNAUTHENTICATED,
+    errors.IssuerUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.TaskConflict: grpc.StatusCode.PERMISSION_DENIED,
+    errors.LeaseNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.LeaseInactive: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ApprovalNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ApprovalDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ApprovalExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ApprovalNotPending: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.PolicyError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+MAX_REASON = 300
+
+
+def status_for(error: errors.BrokerError) -> grpc.StatusCode:
+    """The status of the most specific mapped class in `error`'s MRO."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def _reason(error: errors.BrokerError) -> str:
+    text = " ".join(str(error.reason).split())
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+async def _abort_for(exc: BaseException, context: aio.ServicerContext, method: str) -> None:
+    if isinstance(exc, errors.BrokerError):
+        code = status_for(exc)
+        log.info("rpc refused", extra={"method": method, "code": code.name, "reason": _reason(exc)})
+        await context.abort(code, _reason(exc))
+    request_id = secrets.token_hex(8)
+    log.error("rpc failed", extra={"method": method, "request_id": request_id}, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+
+
+T = TypeVar("T")
+Handler = Callable[[Any, Any, aio.ServicerContext], Awaitable[T]]
+
+
+def rpc(fn: Handler[T]) -> Handler[T]:
+    """Wrap a unary servicer method: map domain errors once, hide tracebacks."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: aio.ServicerContext) -> T:
+        try:
+            return await fn(self, request, context)
+        except (asyncio.CancelledError, aio.AbortError):
+            raise
+        except Exception as exc:  # the one place a broad catch is right: nothing escapes unmapped
+            await _abort_for(exc, context, fn.__name__)
+            raise AssertionError("unreachable") from exc  # abort always raises
+
+    return wrapper
+
+
+StreamHandler = Callable[[Any, Any, aio.ServicerContext], AsyncIterator[T]]
+
+
+def rpc_stream(fn: StreamHandler[T]) -> StreamHandler[T]:
+    """Wrap a server-streaming servicer method the same way as `rpc`."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: aio.ServicerContext) -> AsyncIterator[T]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except (asyncio.CancelledError, aio.AbortError, GeneratorExit):
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context, fn.__name__)
+
+    return wrapper

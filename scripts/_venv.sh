@@ -1,0 +1,18 @@
+# Sourced by scripts/test and scripts/demo: create or reuse .venv and install the project.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+# Reinstall only when pyproject.toml changed since the last install.
+STAMP="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+if [ ! -f "$STAMP" ]; then
+  echo "installing the project and its test extras into $VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+  rm -f "$VENV"/.installed-*
+  touch "$STAMP"
+fi
