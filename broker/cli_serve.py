@@ -1,7 +1,7 @@
 """`broker`: run the broker server.
 
-    broker serve --config broker.toml
-    broker serve --dev [--dir certs/dev]
+broker serve --config broker.toml
+broker serve --dev [--dir certs/dev]
 """
 
 from __future__ import annotations

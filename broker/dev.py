@@ -97,7 +97,9 @@ def write_dev_setup(folder: Path, ports: DevPorts = DevPorts()) -> Path:
     _write(folder / "policy.cedar", DEV_POLICY)
     _write(folder / "entities.json", json.dumps(DEV_ENTITIES, indent=2) + "\n")
     config = folder / "broker.toml"
-    _write(config, f"""\
+    _write(
+        config,
+        f"""\
 # Written by `broker serve --dev`: development settings only.
 [server]
 listen = "127.0.0.1:{ports.listen}"
@@ -133,5 +135,6 @@ path = "audit.jsonl"
 
 [approvals]
 ttl = "15m"
-""")
+""",
+    )
     return config

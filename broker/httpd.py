@@ -73,8 +73,11 @@ class HttpListener:
                     self._send(HTTPStatus.OK, "application/json", listener._minter.jwks_json().encode())
                 elif path == "/.well-known/openid-configuration":
                     host = self.headers.get("Host", "")
-                    doc = {"issuer": listener._issuer, "jwks_uri": f"http://{host}/.well-known/jwks.json",
-                           "id_token_signing_alg_values_supported": ["ES256", "EdDSA"]}
+                    doc = {
+                        "issuer": listener._issuer,
+                        "jwks_uri": f"http://{host}/.well-known/jwks.json",
+                        "id_token_signing_alg_values_supported": ["ES256", "EdDSA"],
+                    }
                     self._send(HTTPStatus.OK, "application/json", json.dumps(doc).encode())
                 elif path == "/metrics":
                     self._send(HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))

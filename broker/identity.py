@@ -105,7 +105,7 @@ class SpiffeId:
             raise InvalidSpiffeId(f"longer than {MAX_ID_BYTES} bytes")
         if not text.startswith(SCHEME):
             raise InvalidSpiffeId("scheme must be 'spiffe://' in lower case")
-        rest = text[len(SCHEME):]
+        rest = text[len(SCHEME) :]
         slash = rest.find("/")
         name, path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
         _check_trust_domain(name)

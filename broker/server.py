@@ -25,11 +25,13 @@ from broker.audit import AuditLog
 from broker.clock import Clock, SystemClock
 from broker.config import Config
 from broker.errors import ConfigError
-from broker.exchange import Exchange, Settings
+from broker.exchange import Exchange
 from broker.feed import RevocationFeed
 from broker.httpd import HttpListener
 from broker.intent import Limits
+from broker.issuance import Issuer, Settings
 from broker.leases import LeaseTable
+from broker.leasing import Leasing
 from broker.policy import PolicyEngine
 from broker.reaper import Reaper
 from broker.tokens import SigningKey, TokenMinter
@@ -104,6 +106,7 @@ class BrokerApp:
     policy: PolicyEngine
     audit: AuditLog
     exchange: Exchange
+    leasing: Leasing
     admin: Admin
     feed: RevocationFeed
     reaper: Reaper
@@ -137,23 +140,34 @@ class BrokerApp:
         log.info("broker serving", extra={"ports": dict(self.ports), "issuer": str(cfg.spiffe_id)})
 
     async def _serve(self, listener: Listener, address: str, creds: grpc.ServerCredentials) -> int:
-        server = aio.server(options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-            ("grpc.so_reuseport", 0),
-        ])
+        server = aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
         auth = Authenticator(self.verifiers, self.clock, listener=listener, admin_ids=self.config.admin.spiffe_ids)
-        pb_grpc.add_CredentialBrokerServicer_to_server(CredentialBrokerServicer(
-            auth=auth, exchange=self.exchange, minter=self.minter, feed=self.feed, clock=self.clock,
-            limits=_limits(self.config),
-        ), server)
+        pb_grpc.add_CredentialBrokerServicer_to_server(
+            CredentialBrokerServicer(
+                auth=auth,
+                exchange=self.exchange,
+                leasing=self.leasing,
+                minter=self.minter,
+                feed=self.feed,
+                clock=self.clock,
+                limits=_limits(self.config),
+            ),
+            server,
+        )
         pb_grpc.add_BrokerAdminServicer_to_server(BrokerAdminServicer(auth=auth, admin=self.admin), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(SERVICE_NAMES, server)
         port = server.add_secure_port(address, creds)
         if port == 0:
-            raise ConfigError(f"server.{'listen' if listener is Listener.MTLS else 'token_listen'}",
-                              f"cannot listen on {address}")
+            raise ConfigError(
+                f"server.{'listen' if listener is Listener.MTLS else 'token_listen'}", f"cannot listen on {address}"
+            )
         await server.start()
         self.servers[listener] = server
         return port
@@ -184,8 +198,11 @@ class BrokerApp:
 
 def _limits(config: Config) -> Limits:
     lim = config.limits
-    return Limits(max_actions=lim.max_actions, max_context_entries=lim.max_context_entries,
-                  max_context_bytes=lim.max_context_bytes)
+    return Limits(
+        max_actions=lim.max_actions,
+        max_context_entries=lim.max_context_entries,
+        max_context_bytes=lim.max_context_bytes,
+    )
 
 
 def build_app(config: Config, *, clock: Clock | None = None) -> BrokerApp:
@@ -208,15 +225,43 @@ def build_app(config: Config, *, clock: Clock | None = None) -> BrokerApp:
     verifiers = build_verifiers(config, clock)
     tokens = config.tokens
     settings = Settings(
-        issuer=str(config.server.spiffe_id), default_ttl=tokens.default_ttl, max_ttl=tokens.max_ttl,
-        max_task_lifetime=tokens.max_task_lifetime, max_delegation_depth=tokens.max_delegation_depth,
-        approval_ttl=config.approvals.ttl, introspectors=config.admin.introspectors, limits=_limits(config),
+        issuer=str(config.server.spiffe_id),
+        default_ttl=tokens.default_ttl,
+        max_ttl=tokens.max_ttl,
+        max_task_lifetime=tokens.max_task_lifetime,
+        max_delegation_depth=tokens.max_delegation_depth,
+        approval_ttl=config.approvals.ttl,
+        introspectors=config.admin.introspectors,
+        limits=_limits(config),
     )
-    exchange = Exchange(verifiers=verifiers, policy=policy, leases=leases, minter=minter, approvals=approvals,
-                        audit=audit, clock=clock, settings=settings)
+    issuer = Issuer(leases=leases, minter=minter, audit=audit, clock=clock, settings=settings)
+    exchange = Exchange(
+        verifiers=verifiers,
+        policy=policy,
+        leases=leases,
+        minter=minter,
+        approvals=approvals,
+        issuer=issuer,
+        audit=audit,
+        clock=clock,
+        settings=settings,
+    )
+    leasing = Leasing(
+        policy=policy, leases=leases, minter=minter, issuer=issuer, audit=audit, clock=clock, settings=settings
+    )
     admin = Admin(leases=leases, policy=policy, approvals=approvals, minter=minter, audit=audit, clock=clock)
     return BrokerApp(
-        config=config, clock=clock, leases=leases, approvals=approvals, minter=minter, policy=policy, audit=audit,
-        exchange=exchange, admin=admin, feed=RevocationFeed(leases),
-        reaper=Reaper(leases=leases, approvals=approvals, minter=minter, clock=clock), verifiers=verifiers,
+        config=config,
+        clock=clock,
+        leases=leases,
+        approvals=approvals,
+        minter=minter,
+        policy=policy,
+        audit=audit,
+        exchange=exchange,
+        leasing=leasing,
+        admin=admin,
+        feed=RevocationFeed(leases),
+        reaper=Reaper(leases=leases, approvals=approvals, minter=minter, clock=clock),
+        verifiers=verifiers,
     )

@@ -7,9 +7,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker._proto import broker_pb2 as pb
 from broker.admin import LeaseFilter
 from broker.approvals import Approval
-from broker.exchange import Introspection, Issued
 from broker.intent import TOKEN_TYPE_ACCESS_TOKEN, Intent, Limits
+from broker.issuance import Issued
 from broker.leases import Lease, LeaseState
+from broker.leasing import Introspection
 from broker.policy import Decision
 
 

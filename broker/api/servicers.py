@@ -16,6 +16,7 @@ from broker.errors import InvalidRequest, PermissionDenied
 from broker.exchange import Exchange
 from broker.feed import RevocationFeed
 from broker.intent import Limits
+from broker.leasing import Leasing
 from broker.tokens import TokenMinter
 
 MAX_ID = 256
@@ -37,6 +38,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         *,
         auth: Authenticator,
         exchange: Exchange,
+        leasing: Leasing,
         minter: TokenMinter,
         feed: RevocationFeed,
         clock: Clock,
@@ -44,6 +46,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
     ) -> None:
         self._auth = auth
         self._exchange = exchange
+        self._leasing = leasing
         self._minter = minter
         self._feed = feed
         self._clock = clock
@@ -60,7 +63,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         caller = await self._auth.caller(context)
         if request.ttl_seconds < 0:
             raise InvalidRequest("ttl_seconds must not be negative")
-        issued = self._exchange.renew(caller, _id(request.lease_id, "lease_id"), request.ttl_seconds)
+        issued = self._leasing.renew(caller, _id(request.lease_id, "lease_id"), request.ttl_seconds)
         return convert.exchange_response(issued, now=self._clock.now())
 
     @rpc
@@ -68,14 +71,14 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self, request: pb.CompleteTaskRequest, context: aio.ServicerContext
     ) -> pb.CompleteTaskResponse:
         caller = await self._auth.caller(context)
-        return pb.CompleteTaskResponse(revoked_count=self._exchange.complete_task(caller, request.task_id))
+        return pb.CompleteTaskResponse(revoked_count=self._leasing.complete_task(caller, request.task_id))
 
     @rpc
     async def Introspect(self, request: pb.IntrospectRequest, context: aio.ServicerContext) -> pb.IntrospectResponse:
         caller = await self._auth.caller(context)
         if not request.token:
             raise InvalidRequest("token is required")
-        return convert.introspect_response(self._exchange.introspect(caller, request.token))
+        return convert.introspect_response(self._leasing.introspect(caller, request.token))
 
     @rpc
     async def AwaitApproval(

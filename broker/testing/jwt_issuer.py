@@ -115,21 +115,26 @@ class _KeyRing:
         with self._lock:
             return {"keys": [dict(k.jwk) for k in self._keys]}
 
-    def mint(self, claims: dict[str, Any], *, alg: str | None, kid: str | None, key: Any,
-             headers: dict[str, Any] | None) -> str:
+    def mint(
+        self, claims: dict[str, Any], *, alg: str | None, kid: str | None, key: Any, headers: dict[str, Any] | None
+    ) -> str:
         current = self.current
         sign_alg = alg or current.algorithm
         if key is None:
             # HS* with no key given: the public key as HMAC secret, i.e. the key-confusion attack.
-            key = None if sign_alg == "none" else (
-                current.public_pem() if sign_alg in _HMAC_HASHES else current.private_key)
+            key = (
+                None
+                if sign_alg == "none"
+                else (current.public_pem() if sign_alg in _HMAC_HASHES else current.private_key)
+            )
         header = {"alg": sign_alg, "typ": "JWT", "kid": kid or current.kid, **(headers or {})}
         header = {name: value for name, value in header.items() if value is not None}
         return sign_compact(header, claims, alg=sign_alg, key=key)
 
 
-def _claims(base: dict[str, Any], ttl: float, now: float | None, claims: dict[str, Any] | None,
-            drop: Sequence[str]) -> dict[str, Any]:
+def _claims(
+    base: dict[str, Any], ttl: float, now: float | None, claims: dict[str, Any] | None, drop: Sequence[str]
+) -> dict[str, Any]:
     issued = int(time.time() if now is None else now)
     result = {**base, "iat": issued, "exp": int(issued + ttl), **(claims or {})}
     for name in drop:
@@ -163,10 +168,19 @@ class JwtSvidIssuer:
         """Sign with a new key from now on; the old one stays in the bundle. Returns the new kid."""
         return self._ring.rotate(keep_old=True)
 
-    def jwt_svid(self, spiffe_id: str, audience: str | list[str], *, ttl: float = 300,
-                 now: float | None = None, claims: dict[str, Any] | None = None,
-                 headers: dict[str, Any] | None = None, drop: Sequence[str] = (),
-                 alg: str | None = None, key: Any = None) -> str:
+    def jwt_svid(
+        self,
+        spiffe_id: str,
+        audience: str | list[str],
+        *,
+        ttl: float = 300,
+        now: float | None = None,
+        claims: dict[str, Any] | None = None,
+        headers: dict[str, Any] | None = None,
+        drop: Sequence[str] = (),
+        alg: str | None = None,
+        key: Any = None,
+    ) -> str:
         """A JWT-SVID for `spiffe_id`; the keyword arguments spoil it on purpose.
 
         `claims` overrides or adds claims, `drop` removes them (e.g. "exp"); `headers` overrides
@@ -231,8 +245,9 @@ class OidcProvider:
     def __enter__(self) -> OidcProvider:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     @property
@@ -276,9 +291,19 @@ class OidcProvider:
         """Sign with a new key from now on; returns its kid."""
         return self._ring.rotate(keep_old=keep_old)
 
-    def id_token(self, sub: str, audience: str | list[str], *, ttl: float = 300, now: float | None = None,
-                 claims: dict[str, Any] | None = None, headers: dict[str, Any] | None = None,
-                 drop: Sequence[str] = (), alg: str | None = None, kid: str | None = None) -> str:
+    def id_token(
+        self,
+        sub: str,
+        audience: str | list[str],
+        *,
+        ttl: float = 300,
+        now: float | None = None,
+        claims: dict[str, Any] | None = None,
+        headers: dict[str, Any] | None = None,
+        drop: Sequence[str] = (),
+        alg: str | None = None,
+        kid: str | None = None,
+    ) -> str:
         """An ID token of this issuer; the keyword arguments spoil it as in `JwtSvidIssuer.jwt_svid`.
 
         `kid` puts another kid in the header (the signature still uses the current key).

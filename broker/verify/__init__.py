@@ -30,8 +30,9 @@ __all__ = [
 class Verifiers:
     """Every configured verifier, and the choice of which one looks at a credential."""
 
-    def __init__(self, *, x509: X509SvidVerifier, jwt_svid: JwtSvidVerifier | None,
-                 oidc: Sequence[OidcVerifier]) -> None:
+    def __init__(
+        self, *, x509: X509SvidVerifier, jwt_svid: JwtSvidVerifier | None, oidc: Sequence[OidcVerifier]
+    ) -> None:
         self._x509 = x509
         self._jwt_svid = jwt_svid
         self._oidc = {v.issuer: v for v in oidc}

@@ -238,8 +238,9 @@ def _pyjwt_rule(error: jwt.PyJWTError) -> str:
     return "invalid token"
 
 
-def _decode(parsed: UnverifiedToken, key: jwt.PyJWK, *, audience: str, issuer: str | None,
-            require: Sequence[str]) -> dict[str, Any]:
+def _decode(
+    parsed: UnverifiedToken, key: jwt.PyJWK, *, audience: str, issuer: str | None, require: Sequence[str]
+) -> dict[str, Any]:
     options = {
         "require": sorted({"exp", "aud", *require}),
         # Time is checked by `check_times` against the `now` passed in: PyJWT reads the wall clock.
@@ -251,8 +252,9 @@ def _decode(parsed: UnverifiedToken, key: jwt.PyJWK, *, audience: str, issuer: s
         "enforce_minimum_key_length": True,
     }
     try:
-        return jwt.decode(parsed.token, key, algorithms=[key.algorithm_name], options=options,
-                          audience=audience, issuer=issuer)
+        return jwt.decode(
+            parsed.token, key, algorithms=[key.algorithm_name], options=options, audience=audience, issuer=issuer
+        )
     except jwt.PyJWTError as e:
         raise _reject(_pyjwt_rule(e)) from e
 

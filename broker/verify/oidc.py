@@ -54,8 +54,13 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
     """Follow redirects only to URLs we would have fetched in the first place."""
 
     def redirect_request(
-        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
-        headers: http.client.HTTPMessage, newurl: str,
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
     ) -> urllib.request.Request | None:
         if not usable_url(newurl) or (req.full_url.startswith("https:") and newurl.startswith("http:")):
             return None
@@ -89,7 +94,7 @@ class _Entry:
     fetched_at: float = 0.0
     attempted_at: float = 0.0
     attempts: int = 0
-    error: IssuerUnavailable | None = None   # why the last attempt failed, if it did
+    error: IssuerUnavailable | None = None  # why the last attempt failed, if it did
     discovered_uri: str | None = None
 
 
@@ -147,7 +152,7 @@ class JwksFetcher:
         try:
             keys = await self._fetch(entry, issuer, jwks_uri)
         except IssuerUnavailable as e:
-            entry.error, entry.discovered_uri = e, None   # rediscover next time: the document may have moved
+            entry.error, entry.discovered_uri = e, None  # rediscover next time: the document may have moved
             log.warning("oidc keys not refreshed", extra={"issuer": issuer, "reason": e.reason})
         else:
             entry.keys, entry.fetched_at, entry.error = keys, self._clock.now(), None

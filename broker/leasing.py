@@ -1,0 +1,155 @@
+"""What agents and resource servers do with a lease after it is issued: renew, complete, introspect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.audit import AuditLog
+from broker.clock import Clock
+from broker.errors import CredentialRejected, LeaseInactive, LeaseNotFound, PermissionDenied, PolicyDenied
+from broker.identity import Identity
+from broker.intent import Intent, check_task_id
+from broker.issuance import ISSUED, Issued, Issuer, Plan, Settings
+from broker.leases import Lease, LeaseState, LeaseTable, Reason
+from broker.policy import PolicyEngine
+from broker.tokens import TokenMinter, token_hash
+
+
+@dataclass(frozen=True, slots=True)
+class Introspection:
+    """RFC 7662 meaning: only `active` is set for an inactive token."""
+
+    active: bool
+    lease: Lease | None = None
+    expires_at: float = 0
+
+
+class Leasing:
+    """Renew, complete and introspect."""
+
+    def __init__(
+        self,
+        *,
+        policy: PolicyEngine,
+        leases: LeaseTable,
+        minter: TokenMinter,
+        issuer: Issuer,
+        audit: AuditLog,
+        clock: Clock,
+        settings: Settings,
+    ) -> None:
+        self._policy = policy
+        self._leases = leases
+        self._minter = minter
+        self._issuer = issuer
+        self._audit = audit
+        self._clock = clock
+        self._settings = settings
+
+    def renew(self, caller: Identity, lease_id: str, ttl_seconds: int) -> Issued:
+        """A fresh token for the caller's lease, with policy re-checked.
+
+        Raises:
+            LeaseNotFound: no such lease held by the caller.
+            LeaseInactive: the lease is revoked or expired.
+            PolicyDenied: policy now refuses it (the lease is then revoked, RENEWAL_DENIED),
+                or it needs a fresh human approval.
+        """
+        now = self._clock.now()
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.client_id != caller.principal:
+            raise LeaseNotFound("no such lease")
+        if not lease.is_active(now):
+            raise LeaseInactive(f"lease is {_state_word(lease)}")
+        intent = Intent(
+            task_id=lease.task_id,
+            audience=lease.audience,
+            actions=lease.scope,
+            resource=lease.resource,
+            ttl_seconds=ttl_seconds,
+        )
+        context = {**lease.context, "ttl_seconds": int(ttl_seconds or self._settings.default_ttl)}
+        decision = self._policy.decide_all(lease.subject, lease.scope, lease.resource, context)
+        self._audit.record(
+            "decision",
+            principal=lease.subject,
+            client_id=caller.principal,
+            lease_id=lease.id,
+            task_id=lease.task_id,
+            actions=list(lease.scope),
+            resource=lease.resource,
+            audience=lease.audience,
+            decision="allow" if decision.allowed else "deny",
+            policies=list(decision.policies),
+            reason=decision.reason,
+            renewal=True,
+        )
+        if not decision.allowed:
+            self._leases.revoke(lease.id, Reason.RENEWAL_DENIED, now=now, initiator=caller.principal)
+            raise PolicyDenied(f"renewal denied: {decision.reason}", decision.policies)
+        if decision.approval_required:
+            raise PolicyDenied("renewal needs a fresh approval: exchange again", decision.policies)
+        parent = self._leases.get(lease.parent_id) if lease.parent_id else None
+        plan = Plan(
+            intent=intent,
+            subject=lease.subject,
+            caller=caller,
+            decision=decision,
+            context=context,
+            parent=parent,
+            actor_chain=lease.actor_chain,
+            not_after=lease.not_after,
+        )
+        task = self._leases.get_task(lease.task_id)
+        lifetime = self._issuer.lifetime(plan, now, deadline=task.deadline if task else now, caller=caller)
+        renewed = self._leases.renew(lease.id, expires_at=lifetime.expires_at, token_exp=lifetime.expires_at, now=now)
+        token = self._issuer.mint(renewed, now=now, cnf=caller.x5t_s256)
+        self._audit.record(
+            "token.issued",
+            lease_id=lease.id,
+            task_id=lease.task_id,
+            token_sha256=token_hash(token),
+            expires_at=renewed.expires_at,
+            ttl_capped_by=lifetime.capped_by,
+            renewal=True,
+        )
+        return Issued(
+            state=ISSUED, task_id=lease.task_id, access_token=token, lease=renewed, ttl_capped_by=lifetime.capped_by
+        )
+
+    def complete_task(self, caller: Identity, task_id: str) -> int:
+        """Revoke every lease of the caller's task and close it; returns how many changed.
+
+        Raises:
+            InvalidRequest: the task id is ill-formed.
+            LeaseNotFound: no such task.
+            TaskConflict: the caller does not own the task.
+        """
+        check_task_id(task_id)
+        now = self._clock.now()
+        return len(self._leases.complete_task(task_id, owner=caller.principal, now=now, initiator=caller.principal))
+
+    def introspect(self, caller: Identity, token: str) -> Introspection:
+        """RFC 7662: is this broker token active, and what does it grant?
+
+        Raises:
+            PermissionDenied: the caller is neither the token's audience nor an introspector.
+        """
+        now = self._clock.now()
+        introspector = caller.principal in self._settings.introspectors
+        try:
+            claims = self._minter.verify(token, now=now)
+        except CredentialRejected:
+            return Introspection(active=False)
+        audience = claims.get("aud")
+        audiences = audience if isinstance(audience, list) else [audience]
+        if not introspector and caller.principal not in audiences:
+            raise PermissionDenied("only the token's audience or a configured introspector may introspect it")
+        lease = self._leases.get(str(claims.get("jti")))
+        if lease is None or not lease.is_active(now):
+            return Introspection(active=False)
+        return Introspection(active=True, lease=lease, expires_at=float(claims["exp"]))
+
+
+def _state_word(lease: Lease) -> str:
+    return "expired" if lease.state is LeaseState.ACTIVE else lease.state.value.lower()
