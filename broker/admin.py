@@ -7,6 +7,7 @@ import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from broker.approvals import Approval, ApprovalStore
 from broker.audit import AuditLog
@@ -57,6 +58,63 @@ def _decode_token(token: str, flt: LeaseFilter) -> tuple[float, str]:
     if tuple(key) != _filter_key(flt):
         raise InvalidRequest("page_token belongs to a listing with other filters")
     return position
+
+
+# Context keys an operator may set in a dry run; every other entry goes under `context.request`.
+_DRY_RUN_KEYS = {
+    "task_id": str,
+    "audience": str,
+    "ttl_seconds": int,
+    "auth": str,
+    "trust_domain": str,
+    "issuer": str,
+    "client_id": str,
+    "delegated": bool,
+    "delegation_depth": int,
+    "actor": str,
+}
+
+
+def _typed(key: str, value: str) -> Any:
+    kind = _DRY_RUN_KEYS[key]
+    if kind is bool:
+        if value not in ("true", "false"):
+            raise InvalidRequest(f"context: {key} must be true or false")
+        return value == "true"
+    if kind is int:
+        if not value.isdigit():
+            raise InvalidRequest(f"context: {key} must be a whole number")
+        return int(value)
+    return value
+
+
+def dry_run_context(principal: str, context: Mapping[str, str]) -> dict[str, Any]:
+    """The Cedar context of a real exchange, with defaults an operator's entries override.
+
+    Defaults describe a direct (not delegated) X.509-SVID caller for a SPIFFE principal and an
+    OIDC caller otherwise, so policies reading `context.auth` evaluate as they would for real.
+    """
+    spiffe = principal.startswith("spiffe://")
+    ctx: dict[str, Any] = {
+        "task_id": "",
+        "audience": "",
+        "ttl_seconds": 0,
+        "auth": "x509-svid" if spiffe else "oidc",
+        "trust_domain": principal[9:].split("/", 1)[0] if spiffe else "",
+        "issuer": "",
+        "client_id": principal,
+        "delegated": False,
+        "delegation_depth": 0,
+        "actor": "",
+        "claims": {},
+        "request": {},
+    }
+    for key, value in context.items():
+        if key in _DRY_RUN_KEYS:
+            ctx[key] = _typed(key, value)
+        else:
+            ctx["request"][key] = value
+    return ctx
 
 
 class Admin:
@@ -160,8 +218,9 @@ class Admin:
         if not principal or not resource:
             raise InvalidRequest("principal and resource are required")
         check_actions([action], _ONE)
-        ctx = {"request": dict(check_context(context, _CONTEXT)), "delegated": False, "delegation_depth": 0}
-        return self._policy.decide(principal, action, resource, ctx)
+        return self._policy.decide(
+            principal, action, resource, dry_run_context(principal, check_context(context, _CONTEXT))
+        )
 
     def reload_policy(self, operator: Identity) -> str:
         """Raises: PolicyError, leaving the running policy in force."""

@@ -96,6 +96,9 @@ class LimitsConfig:
     max_context_entries: int = 32
     max_context_bytes: int = 4096
     max_actions: int = 16
+    # Per calling principal: a token bucket refilled at `rate_per_second`, holding `rate_burst`.
+    rate_per_second: int = 50
+    rate_burst: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,12 +378,14 @@ def _approvals(t: _Table) -> ApprovalsConfig:
 
 
 def _limits(t: _Table) -> LimitsConfig:
-    t.allow("max_context_entries", "max_context_bytes", "max_actions")
+    t.allow("max_context_entries", "max_context_bytes", "max_actions", "rate_per_second", "rate_burst")
     d = LimitsConfig()
     return LimitsConfig(
         max_context_entries=t.integer("max_context_entries", d.max_context_entries, 1),
         max_context_bytes=t.integer("max_context_bytes", d.max_context_bytes, 1),
         max_actions=t.integer("max_actions", d.max_actions, 1),
+        rate_per_second=t.integer("rate_per_second", d.rate_per_second, 1),
+        rate_burst=t.integer("rate_burst", d.rate_burst, 1),
     )
 
 

@@ -33,6 +33,7 @@ from broker.issuance import Issuer, Settings
 from broker.leases import LeaseTable
 from broker.leasing import Leasing
 from broker.policy import PolicyEngine
+from broker.ratelimit import RateLimiter
 from broker.reaper import Reaper
 from broker.tokens import SigningKey, TokenMinter
 from broker.verify import JwksFetcher, JwtSvidVerifier, OidcVerifier, Verifiers, X509SvidVerifier
@@ -111,6 +112,7 @@ class BrokerApp:
     feed: RevocationFeed
     reaper: Reaper
     verifiers: Verifiers
+    limiter: RateLimiter
     servers: dict[Listener, aio.Server] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     http: HttpListener | None = None
@@ -147,7 +149,13 @@ class BrokerApp:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        auth = Authenticator(self.verifiers, self.clock, listener=listener, admin_ids=self.config.admin.spiffe_ids)
+        auth = Authenticator(
+            self.verifiers,
+            self.clock,
+            listener=listener,
+            admin_ids=self.config.admin.spiffe_ids,
+            limiter=self.limiter,
+        )
         pb_grpc.add_CredentialBrokerServicer_to_server(
             CredentialBrokerServicer(
                 auth=auth,
@@ -264,4 +272,5 @@ def build_app(config: Config, *, clock: Clock | None = None) -> BrokerApp:
         feed=RevocationFeed(leases),
         reaper=Reaper(leases=leases, approvals=approvals, minter=minter, clock=clock),
         verifiers=verifiers,
+        limiter=RateLimiter(rate=config.limits.rate_per_second, burst=config.limits.rate_burst),
     )

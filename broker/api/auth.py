@@ -15,6 +15,7 @@ from grpc import aio
 from broker.clock import Clock
 from broker.errors import CredentialRejected, PermissionDenied
 from broker.identity import AuthKind, Identity, matches_any
+from broker.ratelimit import RateLimiter
 from broker.verify import Verifiers
 
 # A verified chain is remembered briefly so a busy agent does not pay for path building on
@@ -34,9 +35,16 @@ class Authenticator:
     """Turns a call's transport credentials into a verified `Identity`."""
 
     def __init__(
-        self, verifiers: Verifiers, clock: Clock, *, listener: Listener, admin_ids: tuple[str, ...] = ()
+        self,
+        verifiers: Verifiers,
+        clock: Clock,
+        *,
+        listener: Listener,
+        admin_ids: tuple[str, ...] = (),
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._verifiers = verifiers
+        self._limiter = limiter
         self._clock = clock
         self.listener = listener
         self._admin_ids = admin_ids
@@ -55,6 +63,18 @@ class Authenticator:
         if token is None:
             raise CredentialRejected("bearer token required: send 'authorization: Bearer <token>'")
         return await self._verifiers.verify_token(token, now=self._clock.now())
+
+    async def issuing_caller(self, context: aio.ServicerContext) -> Identity:
+        """The caller of an RPC that issues credentials, after its rate limit.
+
+        Raises:
+            CredentialRejected: as for `caller`.
+            RateLimited: the caller's bucket is empty.
+        """
+        identity = await self.caller(context)
+        if self._limiter is not None:
+            self._limiter.check(identity.principal, now=self._clock.now())
+        return identity
 
     async def optional_caller(self, context: aio.ServicerContext) -> Identity | None:
         """The caller if it presented a credential; a bad credential is still refused."""

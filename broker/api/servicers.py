@@ -54,13 +54,13 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
 
     @rpc
     async def Exchange(self, request: pb.ExchangeRequest, context: aio.ServicerContext) -> pb.ExchangeResponse:
-        caller = await self._auth.caller(context)
+        caller = await self._auth.issuing_caller(context)
         issued = await self._exchange.exchange(caller, convert.intent(request, self._limits))
         return convert.exchange_response(issued, now=self._clock.now())
 
     @rpc
     async def Renew(self, request: pb.RenewRequest, context: aio.ServicerContext) -> pb.ExchangeResponse:
-        caller = await self._auth.caller(context)
+        caller = await self._auth.issuing_caller(context)
         if request.ttl_seconds < 0:
             raise InvalidRequest("ttl_seconds must not be negative")
         issued = self._leasing.renew(caller, _id(request.lease_id, "lease_id"), request.ttl_seconds)

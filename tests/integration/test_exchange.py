@@ -303,3 +303,22 @@ def test_audit_records_decisions_and_issuance_without_tokens(harness: Harness, t
     assert decisions[0]["policies"] == ["agents-use-repo"]
     issued = next(r for r in records if r["kind"] == "token.issued")
     assert issued["lease_id"] == resp.lease_id and issued["token_sha256"].startswith("sha256:")
+
+
+@pytest.fixture
+def limited(material, tmp_path):
+    from tests.support.harness import run_harness
+
+    yield from run_harness(material, tmp_path, extra="[limits]\nrate_per_second = 1\nrate_burst = 2\n")
+
+
+def test_exchanges_over_the_rate_limit_are_resource_exhausted(limited: Harness) -> None:
+    agent = limited.agent(PLANNER)
+    for _ in range(2):
+        agent.Exchange(request(), timeout=5)
+    with pytest.raises(grpc.RpcError) as err:
+        agent.Exchange(request(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in err.value.details()
+    assert limited.agent(WORKER).Exchange(request(task_id="other"), timeout=5).state == "ISSUED"
+    limited.clock.advance(1)
+    assert agent.Exchange(request(), timeout=5).state == "ISSUED"
