@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
+from prometheus_client import Counter, Histogram
 
 from broker import errors
 
@@ -42,6 +43,14 @@ STATUS: dict[type[errors.BrokerError], grpc.StatusCode] = {
 }
 
 MAX_REASON = 300
+
+RPCS = Counter("broker_rpc", "RPCs answered, by method and status code", ["method", "code"])
+LATENCY = Histogram(
+    "broker_rpc_seconds",
+    "RPC latency by method",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
 
 
 def status_for(error: errors.BrokerError) -> grpc.StatusCode:
@@ -74,15 +83,27 @@ Handler = Callable[[Any, Any, aio.ServicerContext], Awaitable[T]]
 def rpc(fn: Handler[T]) -> Handler[T]:
     """Wrap a unary servicer method: map domain errors once, hide tracebacks."""
 
+    method = fn.__name__
+    latency = LATENCY.labels(method)
+
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: aio.ServicerContext) -> T:
+        code = "OK"
         try:
-            return await fn(self, request, context)
-        except (asyncio.CancelledError, aio.AbortError):
+            with latency.time():
+                return await fn(self, request, context)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except aio.AbortError:
+            code = "ABORTED"
             raise
         except Exception as exc:  # the one place a broad catch is right: nothing escapes unmapped
-            await _abort_for(exc, context, fn.__name__)
+            code = status_for(exc).name if isinstance(exc, errors.BrokerError) else "INTERNAL"
+            await _abort_for(exc, context, method)
             raise AssertionError("unreachable") from exc  # abort always raises
+        finally:
+            RPCS.labels(method, code).inc()
 
     return wrapper
 
