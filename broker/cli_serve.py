@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--config", type=Path, help="path to broker.toml")
     where.add_argument("--dev", action="store_true", help="write dev certs, policy and config, then serve them")
     serve.add_argument("--dir", type=Path, default=Path("certs/dev"), help="folder for --dev material")
+    serve.add_argument(
+        "--dev-ports",
+        default="8443,8444,8080",
+        metavar="MTLS,TOKEN,HTTP",
+        help="ports of the --dev listeners on 127.0.0.1 (default 8443,8444,8080)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -77,9 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("broker")
     config_path = args.config
     if args.dev:
-        from broker.dev import write_dev_setup
+        from broker.dev import DevPorts, write_dev_setup
 
-        config_path = write_dev_setup(args.dir)
+        try:
+            ports = DevPorts(*(int(p) for p in args.dev_ports.split(",")))
+        except (TypeError, ValueError):
+            print("broker: --dev-ports takes three port numbers: MTLS,TOKEN,HTTP", file=sys.stderr)
+            return EXIT_CONFIG
+        config_path = write_dev_setup(args.dir, ports)
         log.info("dev setup written", extra={"dir": str(args.dir), "config": str(config_path)})
     try:
         return asyncio.run(_serve(config_path))

@@ -11,8 +11,12 @@ fi
 STAMP="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
   echo "installing the project and its test extras into $VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+  if ! { "$VENV/bin/python" -m pip install --quiet --upgrade pip &&
+          "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"; } >"$VENV/install.log" 2>&1; then
+    cat "$VENV/install.log"
+    echo "installing the project failed (log above, also in $VENV/install.log)" >&2
+    exit 1
+  fi
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi
