@@ -102,7 +102,7 @@ class Issuer:
             ("caller_credential", caller.expires_at - now),
         ]
         lifetime = cap_ttl(now, first, caps)
-        if lifetime.expires_at <= now:
+        if lifetime.expires_at - now < 1:
             raise LeaseInactive(f"no lifetime left under the {lifetime.capped_by} cap")
         return lifetime
 
@@ -138,7 +138,9 @@ class Issuer:
                 depth=len(plan.actor_chain),
                 cnf_x5t=plan.caller.x5t_s256,
                 context=plan.context,
-                not_after=plan.not_after if plan.not_after_name == "subject_token" else None,
+                # Only a presented subject token caps renewals: a caller who is its own subject
+                # re-proves itself on each Renew and is capped by that credential then.
+                not_after=plan.not_after if plan.intent.subject_token else None,
             ),
             now=now,
         )

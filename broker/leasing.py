@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from broker.audit import AuditLog
 from broker.clock import Clock
 from broker.errors import CredentialRejected, LeaseInactive, LeaseNotFound, PermissionDenied, PolicyDenied
-from broker.identity import Identity
+from broker.identity import Identity, matches_any
 from broker.intent import Intent, check_task_id
 from broker.issuance import ISSUED, Issued, Issuer, Plan, Settings
 from broker.leases import Lease, LeaseState, LeaseTable, Reason
@@ -136,7 +136,7 @@ class Leasing:
             PermissionDenied: the caller is neither the token's audience nor an introspector.
         """
         now = self._clock.now()
-        introspector = caller.principal in self._settings.introspectors
+        introspector = matches_any(caller.principal, self._settings.introspectors)
         try:
             claims = self._minter.verify(token, now=now)
         except CredentialRejected:

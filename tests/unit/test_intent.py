@@ -244,6 +244,18 @@ def test_parsed_context_is_a_sorted_read_only_copy() -> None:
         intent.context["beta"] = "3"  # type: ignore[index]
 
 
+def _kwargs(req: Req) -> dict:
+    """The request's fields without `limits`, so that `Intent.parse` uses its default."""
+    return {
+        "task_id": req.task_id,
+        "audience": req.audience,
+        "actions": req.actions,
+        "resource": req.resource,
+        "ttl_seconds": req.ttl_seconds,
+        "context": dict(req.context),
+    }
+
+
 @pytest.mark.parametrize(("count", "accepted"), [(16, True), (17, False)], ids=["16", "17"])
 def test_default_limits_allow_sixteen_actions(count: int, accepted: bool) -> None:
     actions = tuple(f"a{i}" for i in range(count))
@@ -253,17 +265,6 @@ def test_default_limits_allow_sixteen_actions(count: int, accepted: bool) -> Non
     else:
         with pytest.raises(InvalidRequest, match="at most 16 actions"):
             Intent.parse(**_kwargs(req))
-
-
-def _kwargs(req: Req) -> dict:
-    return {
-        "task_id": req.task_id,
-        "audience": req.audience,
-        "actions": req.actions,
-        "resource": req.resource,
-        "ttl_seconds": req.ttl_seconds,
-        "context": dict(req.context),
-    }
 
 
 # -- the TTL rule ----------------------------------------------------------------------
@@ -313,7 +314,8 @@ CAPS = [
 
 @pytest.mark.parametrize("case", CAPS, ids=[c.id for c in CAPS])
 def test_cap_ttl_takes_the_smallest_and_names_it(case: Caps) -> None:
-    assert cap_ttl(case.now, case.first, case.caps) == Lifetime(expires_at=T0 + case.expires_in, capped_by=case.capped_by)
+    expected = Lifetime(expires_at=T0 + case.expires_in, capped_by=case.capped_by)
+    assert cap_ttl(case.now, case.first, case.caps) == expected
 
 
 def test_cap_ttl_expiry_is_a_whole_number_of_seconds() -> None:
