@@ -90,6 +90,9 @@ class ApprovalStore:
         if approval.state is ApprovalState.PENDING and approval.expires_at <= now:
             self.expire_due(now)
             raise ApprovalExpired("approval expired before a decision")
+        # The same answer whether or not the reaper got there first.
+        if approval.state is ApprovalState.EXPIRED:
+            raise ApprovalExpired("approval expired before a decision")
         if approval.state is not ApprovalState.PENDING:
             raise ApprovalNotPending(f"approval is {approval.state.value.lower()}, not pending")
         return approval
@@ -104,8 +107,8 @@ class ApprovalStore:
         approval = self._pending(approval_id, now)
         return self._put(replace(approval, state=ApprovalState.DENIED, decided_by=by, note=note, decided_at=now))
 
-    def consume(self, approval_id: str, *, now: float) -> Approval:
-        """Mark an approved approval used, once.
+    def usable(self, approval_id: str, *, now: float) -> Approval:
+        """The approved, unused, unexpired approval `approval_id`; changes nothing but expiry.
 
         Raises:
             ApprovalNotFound: unknown id.
@@ -118,9 +121,21 @@ class ApprovalStore:
         if approval.state is ApprovalState.APPROVED and approval.expires_at <= now:
             self.expire_due(now)
             raise ApprovalExpired("approval expired before it was used")
+        if approval.state is ApprovalState.EXPIRED:
+            raise ApprovalExpired("approval expired before it was used")
         if approval.state is not ApprovalState.APPROVED:
             raise ApprovalNotPending(f"approval is {approval.state.value.lower()}, not approved")
-        return self._put(replace(approval, state=ApprovalState.USED))
+        return approval
+
+    def consume(self, approval_id: str, *, now: float) -> Approval:
+        """Mark an approved approval used, once.
+
+        Raises:
+            ApprovalNotFound: unknown id.
+            ApprovalExpired: it expired before it was used.
+            ApprovalNotPending: it is not approved, or already used.
+        """
+        return self._put(replace(self.usable(approval_id, now=now), state=ApprovalState.USED))
 
     def expire_due(self, now: float) -> list[Approval]:
         """Expire undecided or unused approvals past their expiry; forget old decided ones."""

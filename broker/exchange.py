@@ -105,10 +105,7 @@ class Exchange:
         )
 
     def _delegation_plan(self, caller: Identity, intent: Intent, now: float) -> Plan:
-        claims = self._minter.verify(intent.subject_token, now=now)
-        parent = self._leases.get(str(claims.get("jti", "")))
-        if parent is None or not parent.is_active(now):
-            raise CredentialRejected("broker token: its lease is not active")
+        parent, token_exp = self._live_parent(intent.subject_token, now)
         depth = parent.depth + 1
         if depth > self._settings.max_delegation_depth:
             raise PermissionDenied(
@@ -118,14 +115,7 @@ class Exchange:
         missing = [a for a in intent.actions if a not in parent.scope]
         if missing:
             raise PolicyDenied(f"delegation cannot widen scope: {missing[0]} is not held by the parent lease")
-        chain = (caller.principal, *parent.actor_chain)
-        subject = Identity(
-            principal=parent.subject,
-            kind=caller.kind,
-            expires_at=parent.expires_at,
-            trust_domain=parent.context.get("trust_domain") or None,
-            claims=parent.context.get("claims") or {},
-        )
+        subject = _parent_subject(parent, caller)
         context = self._context(intent, subject=subject, caller=caller, depth=depth, actor=caller.principal)
         return Plan(
             intent=intent,
@@ -134,10 +124,20 @@ class Exchange:
             decision=UNDECIDED,
             context=context,
             parent=parent,
-            actor_chain=chain,
-            not_after=parent.not_after,
+            actor_chain=(caller.principal, *parent.actor_chain),
+            # The presented token may be an older one of a since-renewed lease: the delegation
+            # must not outlive the token that was handed over, only the lease behind it.
+            not_after=token_exp if parent.not_after is None else min(parent.not_after, token_exp),
             not_after_name="subject_token",
         )
+
+    def _live_parent(self, token: str, now: float) -> tuple[Lease, float]:
+        """The live lease a presented broker token stands for, and that token's own `exp`."""
+        claims = self._minter.verify(token, now=now)
+        parent = self._leases.get(str(claims.get("jti", "")))
+        if parent is None or not parent.is_active(now):
+            raise CredentialRejected("broker token: its lease is not active")
+        return parent, float(claims["exp"])
 
     def _context(self, intent: Intent, *, subject: Identity, caller: Identity, depth: int, actor: str) -> dict:
         return {
@@ -231,6 +231,9 @@ class Exchange:
             ApprovalDenied: an operator said no.
             ApprovalExpired: nobody decided in time.
             ApprovalNotPending: it was already used.
+            PolicyDenied: the policy in force now refuses the approved request.
+            LeaseInactive: the parent lease of an approved delegation died meanwhile.
+            TaskConflict: the task was closed or taken meanwhile.
         """
         while True:
             approval = self._approvals.get(approval_id)
@@ -242,13 +245,23 @@ class Exchange:
             if approval.state is ApprovalState.DENIED:
                 raise ApprovalDenied(f"denied by an operator: {approval.note}" if approval.note else "denied")
             if approval.state is ApprovalState.EXPIRED:
-                raise ApprovalExpired("approval expired before an operator decided")
+                unused = "it was used" if approval.decided_by else "an operator decided"
+                raise ApprovalExpired(f"approval expired before {unused}")
             if approval.state is ApprovalState.USED:
                 raise ApprovalNotPending("approval already used")
-            used = self._approvals.consume(approval_id, now=self._clock.now())
-            issued = self._issuer.issue(used.plan)
-            self._audit.record("approval.used", approval_id=approval_id, lease_id=issued.lease.id)
-            return issued
+            return self._issue_approved(approval)
+
+    def _issue_approved(self, approval: Approval) -> Issued:
+        # No await in here: the approval is used only by the issuance it allows, and a refused
+        # or failed issuance (new forbid, task closed, parent revoked meanwhile) leaves it unused.
+        now = self._clock.now()
+        self._approvals.usable(approval.id, now=now)
+        # An approval vouches for the request, not for the policy: a forbid added since still wins.
+        plan = replace(approval.plan, decision=self._decide(approval.plan))
+        issued = self._issuer.issue(plan)
+        self._approvals.consume(approval.id, now=now)
+        self._audit.record("approval.used", approval_id=approval.id, lease_id=issued.lease.id)
+        return issued
 
     async def _wait_for_change(self, approval_id: str) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -263,9 +276,32 @@ class Exchange:
                 self._waiters.pop(approval_id, None)
 
     def _on_approval(self, approval: Approval) -> None:
+        if approval.state is ApprovalState.EXPIRED:
+            self._audit.record(
+                "approval.expired",
+                approval_id=approval.id,
+                principal=approval.principal,
+                client_id=approval.client_id,
+                task_id=approval.task_id,
+            )
         for fut in self._waiters.pop(approval.id, []):
             if not fut.done():
                 fut.set_result(None)
+
+
+def _parent_subject(parent: Lease, caller: Identity) -> Identity:
+    """The subject a delegation acts for: the parent lease's principal and what proved it.
+
+    `kind` stays the acting caller's, so the policy's `context.auth` is how the actor signed in.
+    """
+    return Identity(
+        principal=parent.subject,
+        kind=caller.kind,
+        expires_at=parent.expires_at,
+        trust_domain=parent.context.get("trust_domain") or None,
+        issuer=parent.context.get("issuer") or None,
+        claims=parent.context.get("claims") or {},
+    )
 
 
 def _inherit(intent: Intent, parent: Lease) -> Intent:
