@@ -332,8 +332,11 @@ class LeaseTable:
         self.apply(LeaseEnded(ended, now))
         return ended
 
-    def expire_due(self, now: float) -> list[Lease]:
+    def expire_due(self, now: float, *, limit: int | None = None) -> list[Lease]:
         """End what is due at `now` and purge what is no longer needed.
+
+        `limit` bounds how many heap entries one call handles, so a burst of expiries can be
+        spread over several passes; `has_due(now)` tells whether more is waiting.
 
         Leases with expires_at <= now become EXPIRED (descendants PARENT_REVOKED); open tasks
         with deadline <= now get their active leases TASK_EXPIRED and become EXPIRED. Ended
@@ -343,7 +346,9 @@ class LeaseTable:
         """
         changed: list[Lease] = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
+        budget = float("inf") if limit is None else limit
+        while heap and heap[0][0] <= now and budget > 0:
+            budget -= 1
             when, kind, key = heapq.heappop(heap)
             if kind == _LEASE_DUE:
                 changed.extend(self._expire_lease(key, when, now))
@@ -393,6 +398,10 @@ class LeaseTable:
         if lease.parent_id is not None:
             _index_discard(self._children, lease.parent_id, lease_id)
         self._children.pop(lease_id, None)
+
+    def has_due(self, now: float) -> bool:
+        """True when some heap entry is due at `now` (possibly a stale one)."""
+        return bool(self._heap) and self._heap[0][0] <= now
 
     def next_deadline(self) -> float | None:
         """The earliest pending heap time, or None; it may belong to a stale entry (harmless)."""

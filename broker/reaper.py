@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 # Even with nothing due, look again this often (prunes rotated keys, bounds clock drift).
 HOUSEKEEPING_SECONDS = 30.0
+# At most this many heap entries per pass: a burst of expiries (a task deadline, a clock jump)
+# is spread over several passes with the event loop free in between.
+BATCH = 1000
 
 
 class Reaper:
@@ -44,10 +47,13 @@ class Reaper:
         elif isinstance(event, TaskOpened):
             self.poke(event.task.deadline)
 
-    def expire(self) -> int:
-        """One pass: everything due by now. Returns how many leases changed state."""
+    def expire(self, *, limit: int | None = None) -> int:
+        """One pass over what is due by now (at most `limit` lease-table entries).
+
+        Returns how many leases changed state.
+        """
         now = self._clock.now()
-        changed = self._leases.expire_due(now)
+        changed = self._leases.expire_due(now, limit=limit)
         self._approvals.expire_due(now)
         self._minter.prune(now=now)
         return len(changed)
@@ -64,9 +70,12 @@ class Reaper:
         """Loop until cancelled."""
         while True:
             try:
-                self.expire()
+                self.expire(limit=BATCH)
             except Exception:  # the loop must outlive a bug in one pass
                 log.exception("expiry pass failed")
+            if self._leases.has_due(self._clock.now()):
+                await asyncio.sleep(0)  # more is due: let the RPCs waiting behind this batch run first
+                continue
             self._target = self._next()
             self._wake.clear()
             sleeper = asyncio.ensure_future(self._clock.sleep_until(self._target))

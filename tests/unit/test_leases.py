@@ -668,3 +668,13 @@ def test_memory_is_bounded_after_churn() -> None:
         table.expire_due(now)
     table.expire_due(now + 1_000)
     assert table.footprint() == {"leases": 0, "tasks": 0, "heap": 0, "index_keys": 0, "index_entries": 0}
+
+
+def test_expire_due_with_a_limit_handles_at_most_that_many_entries() -> None:
+    table = new_table()
+    for i in range(5):
+        table.grant(make_lease(f"l{i}", expires_at=T0 + 10), now=T0)
+    first = table.expire_due(T0 + 10, limit=2)
+    assert len(first) == 2 and table.has_due(T0 + 10)
+    rest = table.expire_due(T0 + 10)
+    assert len(rest) == 3 and not table.has_due(T0 + 10)
