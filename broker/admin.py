@@ -12,7 +12,7 @@ from typing import Any
 from broker.approvals import Approval, ApprovalStore
 from broker.audit import AuditLog
 from broker.clock import Clock
-from broker.errors import InvalidRequest, LeaseNotFound
+from broker.errors import InvalidRequest, LeaseNotFound, PermissionDenied
 from broker.identity import Identity
 from broker.intent import Limits, check_actions, check_context, check_task_id
 from broker.leases import Lease, LeaseTable, Reason
@@ -53,9 +53,10 @@ def _decode_token(token: str, flt: LeaseFilter) -> tuple[float, str]:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         issued_at, lease_id, key = json.loads(raw)
         position = (float(issued_at), str(lease_id))
+        key = tuple(key)
     except (ValueError, TypeError, binascii.Error) as e:
         raise InvalidRequest("page_token is not one this broker issued") from e
-    if tuple(key) != _filter_key(flt):
+    if key != _filter_key(flt):
         raise InvalidRequest("page_token belongs to a listing with other filters")
     return position
 
@@ -236,7 +237,10 @@ class Admin:
         return self._approvals.list(include_decided=include_decided)
 
     def approve(self, operator: Identity, approval_id: str, note: str) -> Approval:
-        """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending."""
+        """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending, PermissionDenied (one's own request)."""
+        pending = self._approvals.get(approval_id)
+        if pending is not None and operator.principal in (pending.principal, pending.client_id):
+            raise PermissionDenied("an operator cannot approve their own request")
         approval = self._approvals.approve(approval_id, by=operator.principal, note=note, now=self._clock.now())
         self._audit.record(
             "approval.approved",

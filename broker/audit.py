@@ -28,7 +28,9 @@ FORBIDDEN_FIELDS = frozenset({"token", "access_token", "subject_token", "key", "
 _FORBIDDEN_SUFFIXES = ("_token", "_key", "secret", "password")
 _RESERVED_FIELDS = frozenset({"ts", "kind"})
 # A compact JWS/JWE: its header is a JSON object, so the first segment starts with "eyJ" ('{"').
-_JWT_LIKE = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){2,}")
+# No lookbehind: a JWT glued to a word ("aud-eyJ...") must be caught too; a false positive
+# only hashes a harmless string.
+_JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){2,}")
 _FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 

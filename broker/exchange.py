@@ -106,6 +106,9 @@ class Exchange:
 
     def _delegation_plan(self, caller: Identity, intent: Intent, now: float) -> Plan:
         parent, token_exp = self._live_parent(intent.subject_token, now)
+        if parent.cnf_x5t is not None and caller.x5t_s256 is None:
+            # A child is bound to its presenter's certificate; a bound parent never yields an unbound child.
+            raise PermissionDenied("a certificate-bound token can only be delegated over mTLS")
         depth = parent.depth + 1
         if depth > self._settings.max_delegation_depth:
             raise PermissionDenied(

@@ -43,12 +43,16 @@ class HttpListener:
         self._issuer = issuer
         self._collector = _LeaseCollector(leases)
         self._server: ThreadingHTTPServer | None = None
+        self._jwks_uri = ""
 
     def start(self) -> int:
         """Bind and serve in a daemon thread; returns the bound port."""
         handler = self._handler()
         self._server = ThreadingHTTPServer(self._address, handler)
         self._server.daemon_threads = True
+        host, port = self._server.server_address[:2]
+        # From the configuration, never from the request's Host header (which a client controls).
+        self._jwks_uri = f"http://{host}:{port}/.well-known/jwks.json"
         REGISTRY.register(self._collector)
         threading.Thread(target=self._server.serve_forever, name="broker-http", daemon=True).start()
         return self._server.server_address[1]
@@ -72,10 +76,9 @@ class HttpListener:
                 if path == "/.well-known/jwks.json":
                     self._send(HTTPStatus.OK, "application/json", listener._minter.jwks_json().encode())
                 elif path == "/.well-known/openid-configuration":
-                    host = self.headers.get("Host", "")
                     doc = {
                         "issuer": listener._issuer,
-                        "jwks_uri": f"http://{host}/.well-known/jwks.json",
+                        "jwks_uri": listener._jwks_uri,
                         "id_token_signing_alg_values_supported": ["ES256", "EdDSA"],
                     }
                     self._send(HTTPStatus.OK, "application/json", json.dumps(doc).encode())

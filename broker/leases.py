@@ -102,6 +102,8 @@ class LeaseTable:
         self._by_task: dict[str, set[str]] = {}
         self._by_subject: dict[str, set[str]] = {}
         self._by_audience: dict[str, set[str]] = {}
+        # Leases held by a client other than their subject (delegations, subject-token exchanges).
+        self._by_client: dict[str, set[str]] = {}
         self._children: dict[str, set[str]] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._active = 0
@@ -159,6 +161,8 @@ class LeaseTable:
         _index_add(self._by_task, lease.task_id, lease.id)
         _index_add(self._by_subject, lease.subject, lease.id)
         _index_add(self._by_audience, lease.audience, lease.id)
+        if lease.client_id != lease.subject:
+            _index_add(self._by_client, lease.client_id, lease.id)
         if lease.parent_id is not None:
             _index_add(self._children, lease.parent_id, lease.id)
         if lease.state is _ACTIVE:
@@ -294,8 +298,13 @@ class LeaseTable:
         return self._end_all(roots, reason, now, now, initiator)
 
     def revoke_subject(self, subject: str, reason: Reason, *, now: float, initiator: str) -> list[Lease]:
-        """End every active lease whose subject is `subject` with `reason`."""
-        roots = self._active_among(self._by_subject.get(subject, ()))
+        """End every active lease issued on behalf of `subject` or held by it, with `reason`.
+
+        A compromised workload's authority is both what was issued for it and what it holds
+        by delegation or subject-token exchange; descendants end PARENT_REVOKED.
+        """
+        held = self._by_client.get(subject, set())
+        roots = self._active_among(self._by_subject.get(subject, set()) | held)
         return self._end_all(roots, reason, now, now, initiator)
 
     def revoke_all(self, reason: Reason, *, now: float, initiator: str) -> list[Lease]:
@@ -395,6 +404,8 @@ class LeaseTable:
         _index_discard(self._by_task, lease.task_id, lease_id)
         _index_discard(self._by_subject, lease.subject, lease_id)
         _index_discard(self._by_audience, lease.audience, lease_id)
+        if lease.client_id != lease.subject:
+            _index_discard(self._by_client, lease.client_id, lease_id)
         if lease.parent_id is not None:
             _index_discard(self._children, lease.parent_id, lease_id)
         self._children.pop(lease_id, None)
@@ -425,7 +436,7 @@ class LeaseTable:
 
     def footprint(self) -> dict[str, int]:
         """Sizes of every internal structure, for tests and metrics (walks the indexes)."""
-        indexes = (self._by_task, self._by_subject, self._by_audience, self._children)
+        indexes = (self._by_task, self._by_subject, self._by_audience, self._by_client, self._children)
         return {
             "leases": len(self._leases),
             "tasks": len(self._tasks),

@@ -59,6 +59,10 @@ class Leasing:
         lease = self._leases.get(lease_id)
         if lease is None or lease.client_id != caller.principal:
             raise LeaseNotFound("no such lease")
+        # A certificate-bound lease is renewed only by a certificate holder (possibly a rotated
+        # SVID of the same id): a replayable bearer token must not turn it into a bearer lease.
+        if lease.cnf_x5t is not None and caller.x5t_s256 is None:
+            raise LeaseNotFound("no such lease held by this credential: renew it over mTLS")
         if not lease.is_active(now):
             raise LeaseInactive(f"lease is {_state_word(lease)}")
         intent = Intent(
@@ -148,7 +152,8 @@ class Leasing:
         lease = self._leases.get(str(claims.get("jti")))
         if lease is None or not lease.is_active(now):
             return Introspection(active=False)
-        return Introspection(active=True, lease=lease, expires_at=float(claims["exp"]))
+        # A renewal may have shortened the lease below this token's own exp.
+        return Introspection(active=True, lease=lease, expires_at=min(float(claims["exp"]), lease.expires_at))
 
 
 def _state_word(lease: Lease) -> str:

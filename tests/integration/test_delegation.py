@@ -41,8 +41,14 @@ def verify_with_jwks(harness: Harness, token: str) -> dict:
     jwks = json.loads(harness.token_agent().GetJWKS(pb.GetJWKSRequest(), timeout=5).jwks_json)
     header = jwt.get_unverified_header(token)
     key = jwt.PyJWKSet.from_dict(jwks)[header["kid"]]
-    return jwt.decode(token, key=key, algorithms=[header["alg"]], audience=RESOURCE_SERVER_ID,
-                      issuer=BROKER_ID, options={"verify_exp": False, "verify_iat": False, "verify_nbf": False})
+    return jwt.decode(
+        token,
+        key=key,
+        algorithms=[header["alg"]],
+        audience=RESOURCE_SERVER_ID,
+        issuer=BROKER_ID,
+        options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+    )
 
 
 def introspect(harness: Harness, token: str) -> pb.IntrospectResponse:
@@ -329,12 +335,24 @@ def test_delegated_token_presented_as_another_token_type_is_unauthenticated(harn
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_sub_agent_may_authenticate_with_a_jwt_svid_bearer(harness: Harness) -> None:
-    root = harness.agent(PLANNER).Exchange(request(), timeout=5)
+def test_sub_agent_may_authenticate_with_a_jwt_svid_bearer_for_an_unbound_parent(harness: Harness) -> None:
+    planner_svid = harness.issuer.jwt(TD).jwt_svid(PLANNER, BROKER_ID, ttl=600, now=harness.clock.now())
+    docs = pb.ExchangeRequest(
+        task_id="tree", audience=RESOURCE_SERVER_ID, actions=["repo:read"], resource="repo:org/docs"
+    )
+    root = harness.token_agent().Exchange(docs, timeout=5, metadata=bearer(planner_svid))
     svid = harness.issuer.jwt(TD).jwt_svid(WORKER, BROKER_ID, ttl=600, now=harness.clock.now())
     child = harness.token_agent().Exchange(delegation(root.access_token), timeout=5, metadata=bearer(svid))
     claims = verify_with_jwks(harness, child.access_token)
     assert claims["sub"] == PLANNER and claims["act"] == {"sub": WORKER} and "cnf" not in claims
+
+
+def test_certificate_bound_parent_cannot_be_delegated_over_a_bearer_token(harness: Harness) -> None:
+    root = harness.agent(PLANNER).Exchange(request(), timeout=5)
+    svid = harness.issuer.jwt(TD).jwt_svid(WORKER, BROKER_ID, ttl=600, now=harness.clock.now())
+    with pytest.raises(grpc.RpcError) as err:
+        harness.token_agent().Exchange(delegation(root.access_token), timeout=5, metadata=bearer(svid))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "mTLS" in err.value.details()
 
 
 def test_delegated_token_is_bound_to_the_sub_agents_certificate(harness: Harness) -> None:
