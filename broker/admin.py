@@ -242,24 +242,19 @@ class Admin:
         if pending is not None and operator.principal in (pending.principal, pending.client_id):
             raise PermissionDenied("an operator cannot approve their own request")
         approval = self._approvals.approve(approval_id, by=operator.principal, note=note, now=self._clock.now())
-        self._audit.record(
-            "approval.approved",
-            approval_id=approval_id,
-            operator=operator.principal,
-            note=note or None,
-            principal=approval.principal,
-            task_id=approval.task_id,
-        )
-        return approval
+        return self._decided("approval.approved", approval)
 
     def deny(self, operator: Identity, approval_id: str, note: str) -> Approval:
         """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending."""
         approval = self._approvals.deny(approval_id, by=operator.principal, note=note, now=self._clock.now())
+        return self._decided("approval.denied", approval)
+
+    def _decided(self, kind: str, approval: Approval) -> Approval:
         self._audit.record(
-            "approval.denied",
-            approval_id=approval_id,
-            operator=operator.principal,
-            note=note or None,
+            kind,
+            approval_id=approval.id,
+            operator=approval.decided_by,
+            note=approval.note or None,
             principal=approval.principal,
             task_id=approval.task_id,
         )

@@ -144,18 +144,21 @@ class Issuer:
             ),
             now=now,
         )
-        token = self.mint(lease, now=now, cnf=plan.caller.x5t_s256)
+        return self.deliver(lease, now=now, cnf=plan.caller.x5t_s256, capped_by=lifetime.capped_by)
+
+    def deliver(self, lease: Lease, *, now: float, cnf: str | None, capped_by: str, renewal: bool = False) -> Issued:
+        """Mint the token for a granted or renewed lease, and audit it by hash."""
+        token = self.mint(lease, now=now, cnf=cnf)
         self._audit.record(
             "token.issued",
             lease_id=lease.id,
             task_id=lease.task_id,
             token_sha256=token_hash(token),
             expires_at=lease.expires_at,
-            ttl_capped_by=lifetime.capped_by,
+            ttl_capped_by=capped_by,
+            renewal=renewal or None,
         )
-        return Issued(
-            state=ISSUED, task_id=lease.task_id, access_token=token, lease=lease, ttl_capped_by=lifetime.capped_by
-        )
+        return Issued(state=ISSUED, task_id=lease.task_id, access_token=token, lease=lease, ttl_capped_by=capped_by)
 
     def mint(self, lease: Lease, *, now: float, cnf: str | None) -> str:
         """The RFC 9068 access token for `lease`; `cnf` binds it to the caller's certificate."""

@@ -9,10 +9,10 @@ from broker.clock import Clock
 from broker.errors import CredentialRejected, LeaseInactive, LeaseNotFound, PermissionDenied, PolicyDenied
 from broker.identity import Identity, matches_any
 from broker.intent import Intent, check_task_id
-from broker.issuance import ISSUED, Issued, Issuer, Plan, Settings
+from broker.issuance import Issued, Issuer, Plan, Settings
 from broker.leases import Lease, LeaseState, LeaseTable, Reason
 from broker.policy import PolicyEngine
-from broker.tokens import TokenMinter, token_hash
+from broker.tokens import TokenMinter
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,19 +107,7 @@ class Leasing:
         task = self._leases.get_task(lease.task_id)
         lifetime = self._issuer.lifetime(plan, now, deadline=task.deadline if task else now, caller=caller)
         renewed = self._leases.renew(lease.id, expires_at=lifetime.expires_at, token_exp=lifetime.expires_at, now=now)
-        token = self._issuer.mint(renewed, now=now, cnf=caller.x5t_s256)
-        self._audit.record(
-            "token.issued",
-            lease_id=lease.id,
-            task_id=lease.task_id,
-            token_sha256=token_hash(token),
-            expires_at=renewed.expires_at,
-            ttl_capped_by=lifetime.capped_by,
-            renewal=True,
-        )
-        return Issued(
-            state=ISSUED, task_id=lease.task_id, access_token=token, lease=renewed, ttl_capped_by=lifetime.capped_by
-        )
+        return self._issuer.deliver(renewed, now=now, cnf=caller.x5t_s256, capped_by=lifetime.capped_by, renewal=True)
 
     def complete_task(self, caller: Identity, task_id: str) -> int:
         """Revoke every lease of the caller's task and close it; returns how many changed.
