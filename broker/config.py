@@ -99,6 +99,8 @@ class LimitsConfig:
     # Per calling principal: a token bucket refilled at `rate_per_second`, holding `rate_burst`.
     rate_per_second: int = 50
     rate_burst: int = 100
+    # Events buffered per WatchRevocations subscriber before it is cut off as too slow.
+    watch_buffer: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,7 +380,7 @@ def _approvals(t: _Table) -> ApprovalsConfig:
 
 
 def _limits(t: _Table) -> LimitsConfig:
-    t.allow("max_context_entries", "max_context_bytes", "max_actions", "rate_per_second", "rate_burst")
+    t.allow("max_context_entries", "max_context_bytes", "max_actions", "rate_per_second", "rate_burst", "watch_buffer")
     d = LimitsConfig()
     return LimitsConfig(
         max_context_entries=t.integer("max_context_entries", d.max_context_entries, 1),
@@ -386,6 +388,7 @@ def _limits(t: _Table) -> LimitsConfig:
         max_actions=t.integer("max_actions", d.max_actions, 1),
         rate_per_second=t.integer("rate_per_second", d.rate_per_second, 1),
         rate_burst=t.integer("rate_burst", d.rate_burst, 1),
+        watch_buffer=t.integer("watch_buffer", d.watch_buffer, 1, 1_000_000),
     )
 
 

@@ -14,7 +14,8 @@ from types import MappingProxyType
 from broker.errors import InvalidRequest
 
 _TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
-_ACTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/*-]{0,127}")
+# No "*": a granted scope must never read as a wildcard to a resource server.
+_ACTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _CONTEXT_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 MAX_AUDIENCE = 512
 MAX_RESOURCE = 512

@@ -269,7 +269,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> BrokerApp:
         exchange=exchange,
         leasing=leasing,
         admin=admin,
-        feed=RevocationFeed(leases),
+        feed=RevocationFeed(leases, buffer=config.limits.watch_buffer),
         reaper=Reaper(leases=leases, approvals=approvals, minter=minter, clock=clock),
         verifiers=verifiers,
         limiter=RateLimiter(rate=config.limits.rate_per_second, burst=config.limits.rate_burst),

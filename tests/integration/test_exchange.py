@@ -322,3 +322,16 @@ def test_exchanges_over_the_rate_limit_are_resource_exhausted(limited: Harness) 
     assert limited.agent(WORKER).Exchange(request(task_id="other"), timeout=5).state == "ISSUED"
     limited.clock.advance(1)
     assert agent.Exchange(request(), timeout=5).state == "ISSUED"
+
+
+def test_unreachable_oidc_issuer_is_unavailable_not_a_crash(harness: Harness) -> None:
+    oidc = harness.issuer.oidc()
+    token = oidc.id_token("user-9", BROKER_ID, claims={"email": "u9@example.org"})
+    oidc.set_available(False)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            harness.token_agent().Exchange(request(), timeout=10, metadata=bearer(token))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "unreachable" in err.value.details()
+    finally:
+        oidc.set_available(True)
+    assert harness.token_agent().Exchange(request(), timeout=10, metadata=bearer(token)).state == "ISSUED"

@@ -271,3 +271,37 @@ def test_reload_of_a_bad_policy_keeps_the_old_one(harness: Harness, tmp_path) ->
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert harness.agent(PLANNER).Exchange(request(), timeout=5).state == "ISSUED"
     assert version
+
+
+def test_disconnected_watchers_are_cleaned_up(harness: Harness) -> None:
+    watcher = Watcher(harness.agent(RESOURCE_SERVER_ID))
+    watcher.wait_ready()
+    assert harness.broker.sync(len, harness.broker.app.feed) == 1
+    watcher.close()
+    for _ in range(50):
+        if harness.broker.sync(len, harness.broker.app.feed) == 0:
+            break
+        harness.broker.settle()
+    assert harness.broker.sync(len, harness.broker.app.feed) == 0
+
+
+@pytest.fixture
+def tiny_buffer(material, tmp_path):
+    from tests.support.harness import run_harness
+
+    yield from run_harness(material, tmp_path, extra="[limits]\nwatch_buffer = 2\n")
+
+
+def test_a_watcher_that_falls_behind_is_cut_off_with_resource_exhausted(tiny_buffer: Harness) -> None:
+    harness = tiny_buffer
+    call = harness.agent(OPERATOR_ID).WatchRevocations(pb.WatchRevocationsRequest(), timeout=30)
+    call.initial_metadata()
+    agent = harness.agent(PLANNER)
+    lease_ids = [agent.Exchange(request(task_id=f"t{i}"), timeout=5).lease_id for i in range(4)]
+    harness.operator().Revoke(pb.RevokeRequest(all=True), timeout=5)  # four events at once
+    received = []
+    with pytest.raises(grpc.RpcError) as err:
+        for event in call:
+            received.append(event.lease_id)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "cut off" in err.value.details()
+    assert set(received) < set(lease_ids) and received
