@@ -60,6 +60,11 @@ class ApprovalStore:
         self._approvals: dict[str, Approval] = {}
         self._heap: list[tuple[float, str]] = []
         self._subscribers: list[Callable[[Approval], None]] = []
+        self._pending_by_client: dict[str, set[str]] = {}
+
+    def pending_count(self, client_id: str) -> int:
+        """How many approvals `client_id` is waiting on."""
+        return len(self._pending_by_client.get(client_id, ()))
 
     def subscribe(self, fn: Callable[[Approval], None]) -> Callable[[], None]:
         """Call `fn` with each approval after it changes; returns the unsubscribe function."""
@@ -68,6 +73,13 @@ class ApprovalStore:
 
     def _put(self, approval: Approval) -> Approval:
         self._approvals[approval.id] = approval
+        pending = self._pending_by_client.setdefault(approval.client_id, set())
+        if approval.state is ApprovalState.PENDING:
+            pending.add(approval.id)
+        else:
+            pending.discard(approval.id)
+        if not pending:
+            del self._pending_by_client[approval.client_id]
         for fn in list(self._subscribers):
             try:
                 fn(approval)

@@ -22,6 +22,7 @@ from broker.errors import (
     CredentialRejected,
     PermissionDenied,
     PolicyDenied,
+    RateLimited,
     TaskConflict,
 )
 from broker.identity import AuthKind, Identity
@@ -196,6 +197,8 @@ class Exchange:
     def _hold_for_approval(self, plan: Plan) -> Issued:
         now = self._clock.now()
         intent = plan.intent
+        if self._approvals.pending_count(plan.caller.principal) >= self._settings.max_pending_approvals:
+            raise RateLimited(f"already waiting on {self._settings.max_pending_approvals} approvals")
         approval = self._approvals.create(
             Approval(
                 id="apr_" + secrets.token_urlsafe(12),

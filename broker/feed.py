@@ -13,6 +13,8 @@ from broker.errors import RateLimited
 from broker.leases import Lease, LeaseEnded, LeaseTable
 
 DEFAULT_BUFFER = 1024
+# Open streams one watcher principal may hold at once.
+MAX_STREAMS_PER_WATCHER = 8
 
 
 @dataclass(eq=False, slots=True)
@@ -20,6 +22,7 @@ class Subscription:
     """One watcher: an audience filter (None = all) and its buffer."""
 
     audience: str | None
+    watcher: str = ""
     queue: asyncio.Queue[Lease] = field(default_factory=lambda: asyncio.Queue(DEFAULT_BUFFER))
     overflowed: bool = False
 
@@ -35,8 +38,15 @@ class RevocationFeed:
     def __len__(self) -> int:
         return len(self._subs)
 
-    def subscribe(self, audience: str | None) -> Subscription:
-        sub = Subscription(audience=audience, queue=asyncio.Queue(self._buffer))
+    def subscribe(self, audience: str | None, *, watcher: str = "") -> Subscription:
+        """Start delivering ended leases of `audience` (None = all) to a new subscription.
+
+        Raises:
+            RateLimited: `watcher` already holds MAX_STREAMS_PER_WATCHER streams.
+        """
+        if watcher and sum(1 for s in self._subs if s.watcher == watcher) >= MAX_STREAMS_PER_WATCHER:
+            raise RateLimited(f"at most {MAX_STREAMS_PER_WATCHER} open revocation streams per watcher")
+        sub = Subscription(audience=audience, watcher=watcher, queue=asyncio.Queue(self._buffer))
         self._subs.add(sub)
         return sub
 

@@ -30,6 +30,8 @@ class Settings:
     max_task_lifetime: float = 8 * 3600
     max_delegation_depth: int = 3
     approval_ttl: float = 900
+    # A caller waiting on more approvals than this is told to wait for a decision first.
+    max_pending_approvals: int = 16
     introspectors: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
 

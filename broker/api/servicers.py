@@ -103,7 +103,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             if audience not in (None, caller.principal):
                 raise PermissionDenied("a watcher may only watch its own audience")
             audience = caller.principal
-        sub = self._feed.subscribe(audience)
+        sub = self._feed.subscribe(audience, watcher=caller.principal)
         try:
             await context.send_initial_metadata(())
             while True:

@@ -292,3 +292,15 @@ def test_failing_subscriber_is_logged_and_the_others_still_run(caplog: pytest.Lo
         store.create(make_approval())
     assert [a.id for a in seen] == ["apr_1"] and state(store) is ApprovalState.PENDING
     assert any(r.message == "approval subscriber failed" for r in caplog.records)
+
+
+def test_pending_count_follows_each_clients_undecided_approvals() -> None:
+    from dataclasses import replace
+
+    store = ApprovalStore()
+    first = store.create(replace(make_approval("a1"), client_id="c1"))
+    store.create(replace(make_approval("a2"), client_id="c1"))
+    store.create(replace(make_approval("a3"), client_id="c2"))
+    assert (store.pending_count("c1"), store.pending_count("c2"), store.pending_count("c3")) == (2, 1, 0)
+    store.approve(first.id, by="op", note="", now=T0)
+    assert store.pending_count("c1") == 1

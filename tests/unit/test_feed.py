@@ -234,3 +234,20 @@ def test_unsubscribe_twice_is_harmless() -> None:
         return len(feed)
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_a_watcher_may_hold_only_a_bounded_number_of_streams() -> None:
+    from broker.errors import RateLimited
+    from broker.feed import MAX_STREAMS_PER_WATCHER, RevocationFeed
+    from broker.leases import LeaseTable
+
+    async def scenario() -> None:
+        feed = RevocationFeed(LeaseTable())
+        subs = [feed.subscribe(None, watcher="w") for _ in range(MAX_STREAMS_PER_WATCHER)]
+        with pytest.raises(RateLimited, match="revocation streams"):
+            feed.subscribe(None, watcher="w")
+        feed.subscribe(None, watcher="other")
+        feed.unsubscribe(subs[0])
+        feed.subscribe(None, watcher="w")
+
+    asyncio.run(scenario())

@@ -28,6 +28,7 @@ from broker.errors import (
     LeaseNotFound,
     PermissionDenied,
     PolicyDenied,
+    RateLimited,
     TaskConflict,
 )
 from broker.exchange import Exchange
@@ -829,3 +830,13 @@ def test_jwt_svid_caller_renewal_is_capped_by_its_fresh_token_not_the_first(buil
     renewed = broker.renew(fresh, issued.lease.id, 300)
     assert renewed.ttl_capped_by == "requested"
     assert renewed.lease.expires_at == int(broker.clock.now()) + 300
+
+
+def test_a_caller_waiting_on_too_many_approvals_is_rate_limited(build: Build) -> None:
+    broker = build(max_pending_approvals=2)
+    caller = broker.x509_caller(AGENT)
+    for task in ("t1", "t2"):
+        assert broker.ask(caller, task_id=task, actions=("deploy",), resource="service:app").state == PENDING_APPROVAL
+    with pytest.raises(RateLimited, match="waiting on 2 approvals"):
+        broker.ask(caller, task_id="t3", actions=("deploy",), resource="service:app")
+    assert broker.approvals.pending_count(caller.principal) == 2
