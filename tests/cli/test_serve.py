@@ -84,3 +84,38 @@ def test_unparsable_policy_exits_2_with_the_parser_message(tmp_path: Path) -> No
     again = _start("--config", str(tmp_path / "dev" / "broker.toml"))
     _, err = again.communicate(timeout=30)
     assert again.returncode == 2 and "policy error" in err and "does not parse" in err
+
+
+def _wait_for_log(proc: subprocess.Popen[str], text: str, seen: list[str], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen.append(line)
+        if text in line:
+            return
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"no {text!r} in the broker log: {''.join(seen)[-2000:]}")
+
+
+def test_sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one(tmp_path: Path) -> None:
+    dev = tmp_path / "dev"
+    proc = _start("--dev", "--dir", str(dev), "--dev-ports", "0,0,0")
+    seen: list[str] = []
+    try:
+        _ready_ports(proc)
+        policy = dev / "policy.cedar"
+        extra = '\n@id("extra")\nforbid (principal, action, resource == Resource::"x");\n'
+        policy.write_text(policy.read_text() + extra)
+        proc.send_signal(signal.SIGHUP)
+        _wait_for_log(proc, "policy reloaded", seen)
+        policy.write_text("permit (principal, action resource);")
+        proc.send_signal(signal.SIGHUP)
+        _wait_for_log(proc, "policy reload refused", seen)
+        assert "does not parse" in seen[-1]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
