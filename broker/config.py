@@ -3,20 +3,26 @@
 The file is read once into frozen dataclasses. Every error is a `ConfigError` whose `key`
 names the offending key in dotted form (`tokens.default_ttl`, `trust_domains[1].bundle`),
 so an operator can find it. Relative paths resolve against the config file's folder.
+The table reader and the checks of single values live in `broker.config_reader`.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import string
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from broker.config_reader import (
+    Table,
+    check_listen,
+    check_spiffe_pattern,
+    check_url,
+    resolve_path,
+)
+from broker.config_reader import parse_duration as parse_duration  # re-exported: part of this module's API
 from broker.errors import ConfigError, InvalidSpiffeId
 from broker.identity import SCHEME, SpiffeId, TrustDomain
 
@@ -24,10 +30,7 @@ ALGORITHMS = ("ES256", "EdDSA")
 MAX_DEPTH = 10  # tokens.max_delegation_depth
 # A generous skew hides broken clocks and stretches every token's life: keep it bounded.
 MAX_CLOCK_SKEW = 300.0
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-_DURATION = re.compile(r"(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?")
 DEFAULT_SUBJECT_TEMPLATE = "oidc:{iss}#{sub}"
-_MISSING: Any = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,140 +125,11 @@ class Config:
         return next((td for td in self.trust_domains if td.name.name == wanted), None)
 
 
-def parse_duration(value: str | int | float, key: str) -> float:
-    """Seconds in `value`: "90s", "5m", "1h", "1h30m", or a number of seconds.
-
-    Raises:
-        ConfigError: not a duration, or not positive.
-    """
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ConfigError(key, 'must be a duration such as "90s", "5m", "1h30m" or a number of seconds')
-    if isinstance(value, str):
-        match = _DURATION.fullmatch(value)
-        if not value or match is None:
-            raise ConfigError(key, f'not a duration: {value!r} (use e.g. "90s", "5m", "1h30m")')
-        h, m, s = (int(match.group(g) or 0) for g in ("h", "m", "s"))
-        seconds = float(h * 3600 + m * 60 + s)
-    else:
-        seconds = float(value)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError(key, "must be positive")
-    return seconds
-
-
-class _Table:
-    """One TOML table being read; knows its dotted key and the folder paths resolve against."""
-
-    def __init__(self, data: Any, key: str, base: Path) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(key, "must be a table")
-        self.data, self.key, self.base = data, key, base
-
-    def sub(self, name: str) -> str:
-        return f"{self.key}.{name}" if self.key else name
-
-    def allow(self, *names: str) -> None:
-        unknown = sorted(set(self.data) - set(names))
-        if unknown:
-            raise ConfigError(self.sub(unknown[0]), "unknown key")
-
-    def raw(self, name: str, default: Any = _MISSING) -> Any:
-        if name in self.data:
-            return self.data[name]
-        if default is _MISSING:
-            raise ConfigError(self.sub(name), "is required")
-        return default
-
-    def string(self, name: str, default: Any = _MISSING) -> Any:
-        """The string at `name`; `default` (may be None) when absent, an error when no default."""
-        if name not in self.data:
-            return self.raw(name, default)
-        value = self.data[name]
-        if not isinstance(value, str) or not value:
-            raise ConfigError(self.sub(name), "must be a non-empty string")
-        return value
-
-    def path(self, name: str, default: Any = _MISSING) -> Any:
-        """A path that must name an existing file; relative to the config folder."""
-        text = self.string(name, default)
-        if text is None:
-            return None
-        resolved = _resolve(self.base, text)
-        if not resolved.is_file():
-            problem = "not a file" if resolved.exists() else "file not found"
-            raise ConfigError(self.sub(name), f"{problem}: {resolved}")
-        return resolved
-
-    def duration(self, name: str, default: float) -> float:
-        return parse_duration(self.raw(name, default), self.sub(name))
-
-    def integer(self, name: str, default: int, low: int, high: int | None = None) -> int:
-        value = self.raw(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.sub(name), "must be an integer")
-        if value < low or (high is not None and value > high):
-            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ConfigError(self.sub(name), f"must be {bounds}")
-        return value
-
-    def strings(self, name: str) -> tuple[str, ...]:
-        value = self.raw(name, [])
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(self.sub(name), "must be a list of non-empty strings")
-        return tuple(value)
-
-
-def _resolve(base: Path, text: str) -> Path:
-    return Path(os.path.normpath(base / text))
-
-
-def _check_listen(value: str | None, key: str) -> str | None:
-    """`host:port`; an IPv6 host goes in brackets, as gRPC wants it."""
-    if value is None:
-        return None
-    host, sep, port = value.rpartition(":")
-    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    bad_host = not name or (name == host and bool(set(host) & set("[]:"))) or any(c.isspace() for c in host)
-    if not sep or bad_host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(key, f'must be "host:port" with a port from 0 to 65535, not {value!r}')
-    return value
-
-
-def _check_url(value: str, key: str) -> str:
-    """https, or plain http only on the loopback interface (tests and local issuers)."""
-    try:
-        parts = urlsplit(value)
-        _ = parts.port  # raises on a port that is not a number
-    except ValueError as e:
-        raise ConfigError(key, f"not a url: {value!r}") from e
-    loopback = parts.scheme == "http" and parts.hostname in _LOOPBACK_HOSTS
-    if not (parts.scheme == "https" and parts.hostname) and not loopback:
-        raise ConfigError(key, "must be an https:// url (http:// only for 127.0.0.1 or localhost)")
-    if parts.username is not None or parts.query or parts.fragment:
-        raise ConfigError(key, "must not have user info, a query or a fragment")
-    return value
-
-
-def _check_spiffe_pattern(value: str, key: str) -> str:
-    """A SPIFFE ID, or a glob whose `*` stand for valid characters of one."""
-    if not value.startswith(SCHEME):
-        raise ConfigError(key, f"must be a spiffe:// id or glob, not {value!r}")
-    # Authority is scoped to a trust domain (SPIFFE-ID 4.1.2): a `*` there would also
-    # match look-alike domains such as `example.org.evil.test`.
-    if "*" in value[len(SCHEME) :].split("/", 1)[0]:
-        raise ConfigError(key, f"a glob must name its trust domain literally, not {value!r}")
-    try:
-        SpiffeId.parse(value.replace("*", "x"))
-    except InvalidSpiffeId as e:
-        raise ConfigError(key, f"not a spiffe id or glob: {value!r}: {e.reason}") from e
-    return value
-
-
-def _server(t: _Table) -> ServerConfig:
+def _server(t: Table) -> ServerConfig:
     t.allow("listen", "token_listen", "http_listen", "cert", "key", "spiffe_id")
-    listen = _check_listen(t.string("listen"), t.sub("listen"))
-    token_listen = _check_listen(t.string("token_listen", None), t.sub("token_listen"))
-    http_listen = _check_listen(t.string("http_listen", None), t.sub("http_listen"))
+    listen = check_listen(t.string("listen"), t.sub("listen"))
+    token_listen = check_listen(t.string("token_listen", None), t.sub("token_listen"))
+    http_listen = check_listen(t.string("http_listen", None), t.sub("http_listen"))
     seen: dict[str, str] = {}
     for name, address in (("listen", listen), ("token_listen", token_listen), ("http_listen", http_listen)):
         # Port 0 asks the system for a free port, so equal ":0" addresses never clash.
@@ -277,7 +151,7 @@ def _server(t: _Table) -> ServerConfig:
     )
 
 
-def _trust_domain(t: _Table) -> TrustDomainConfig:
+def _trust_domain(t: Table) -> TrustDomainConfig:
     t.allow("name", "bundle", "jwt_bundle")
     try:
         name = TrustDomain.parse(t.string("name"))
@@ -306,22 +180,22 @@ def check_subject_template(value: str, key: str = "oidc_issuers.subject_template
     return value
 
 
-def _oidc_issuer(t: _Table) -> OidcIssuerConfig:
+def _oidc_issuer(t: Table) -> OidcIssuerConfig:
     t.allow("issuer", "audience", "jwks_file", "jwks_uri", "subject_template")
     if "jwks_file" in t.data and "jwks_uri" in t.data:
         raise ConfigError(t.sub("jwks_uri"), "set only one of jwks_file and jwks_uri")
     jwks_uri = t.string("jwks_uri", None)
     template = t.string("subject_template", DEFAULT_SUBJECT_TEMPLATE)
     return OidcIssuerConfig(
-        issuer=_check_url(t.string("issuer"), t.sub("issuer")),
+        issuer=check_url(t.string("issuer"), t.sub("issuer")),
         audience=t.string("audience"),
         jwks_file=t.path("jwks_file", None),
-        jwks_uri=None if jwks_uri is None else _check_url(jwks_uri, t.sub("jwks_uri")),
+        jwks_uri=None if jwks_uri is None else check_url(jwks_uri, t.sub("jwks_uri")),
         subject_template=check_subject_template(template, t.sub("subject_template")),
     )
 
 
-def _tokens(t: _Table) -> TokensConfig:
+def _tokens(t: Table) -> TokensConfig:
     t.allow(
         "signing_key", "algorithm", "default_ttl", "max_ttl", "max_task_lifetime", "max_delegation_depth", "clock_skew"
     )
@@ -345,41 +219,41 @@ def _tokens(t: _Table) -> TokensConfig:
     return tokens
 
 
-def _policy(t: _Table) -> PolicyConfig:
+def _policy(t: Table) -> PolicyConfig:
     t.allow("file", "entities")
     return PolicyConfig(file=t.path("file"), entities=t.path("entities", None))
 
 
-def _admin(t: _Table) -> AdminConfig:
+def _admin(t: Table) -> AdminConfig:
     t.allow("spiffe_ids", "introspectors")
     ids = t.strings("spiffe_ids")
     for i, value in enumerate(ids):
-        _check_spiffe_pattern(value, f"{t.sub('spiffe_ids')}[{i}]")
+        check_spiffe_pattern(value, f"{t.sub('spiffe_ids')}[{i}]")
     introspectors = t.strings("introspectors")
     for i, value in enumerate(introspectors):
         # Introspectors may be OIDC principals too; what claims to be a SPIFFE ID must be one.
         if value.startswith(SCHEME):
-            _check_spiffe_pattern(value, f"{t.sub('introspectors')}[{i}]")
+            check_spiffe_pattern(value, f"{t.sub('introspectors')}[{i}]")
     return AdminConfig(spiffe_ids=ids, introspectors=introspectors)
 
 
-def _audit(t: _Table) -> AuditConfig:
+def _audit(t: Table) -> AuditConfig:
     t.allow("path")
     value = t.string("path", "-")
     if value == "-":
         return AuditConfig()
-    resolved = _resolve(t.base, value)
+    resolved = resolve_path(t.base, value)
     if not resolved.parent.is_dir():
         raise ConfigError(t.sub("path"), f"folder not found: {resolved.parent}")
     return AuditConfig(path=str(resolved))
 
 
-def _approvals(t: _Table) -> ApprovalsConfig:
+def _approvals(t: Table) -> ApprovalsConfig:
     t.allow("ttl")
     return ApprovalsConfig(ttl=t.duration("ttl", ApprovalsConfig().ttl))
 
 
-def _limits(t: _Table) -> LimitsConfig:
+def _limits(t: Table) -> LimitsConfig:
     t.allow("max_context_entries", "max_context_bytes", "max_actions", "rate_per_second", "rate_burst", "watch_buffer")
     d = LimitsConfig()
     return LimitsConfig(
@@ -392,17 +266,17 @@ def _limits(t: _Table) -> LimitsConfig:
     )
 
 
-def _section(root: _Table, name: str, *, required: bool = False) -> _Table:
+def _section(root: Table, name: str, *, required: bool = False) -> Table:
     if name not in root.data and required:
         raise ConfigError(name, "section is missing")
-    return _Table(root.data.get(name, {}), name, root.base)
+    return Table(root.data.get(name, {}), name, root.base)
 
 
-def _array(root: _Table, name: str) -> list[_Table]:
+def _array(root: Table, name: str) -> list[Table]:
     items = root.data.get(name, [])
     if not isinstance(items, list):
         raise ConfigError(name, f"must be an array of tables ([[{name}]])")
-    return [_Table(item, f"{name}[{i}]", root.base) for i, item in enumerate(items)]
+    return [Table(item, f"{name}[{i}]", root.base) for i, item in enumerate(items)]
 
 
 def _unique(items: list[Any], attr: str, key: str) -> None:
@@ -432,7 +306,7 @@ def load_config(path: Path) -> Config:
             missing, unknown or invalid (key: its dotted name).
     """
     source = Path(os.path.abspath(path))
-    root = _Table(_read(source), "", source.parent)
+    root = Table(_read(source), "", source.parent)
     sections = ("server", "trust_domains", "oidc_issuers", "tokens", "policy", "admin", "audit", "approvals", "limits")
     unknown = sorted(set(root.data) - set(sections))
     if unknown:

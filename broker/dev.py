@@ -68,6 +68,45 @@ DEV_ENTITIES = [
 ]
 
 
+DEV_CONFIG_TEMPLATE = """\
+# Written by `broker serve --dev`: development settings only.
+[server]
+listen = "127.0.0.1:{listen}"
+token_listen = "127.0.0.1:{token_listen}"
+http_listen = "127.0.0.1:{http_listen}"
+cert = "broker.pem"
+key = "broker-key.pem"
+spiffe_id = "{broker_id}"
+
+[[trust_domains]]
+name = "{trust_domain}"
+bundle = "{trust_domain}.bundle.pem"
+jwt_bundle = "{trust_domain}.jwks.json"
+
+[tokens]
+algorithm = "ES256"
+default_ttl = "5m"
+max_ttl = "1h"
+max_task_lifetime = "8h"
+max_delegation_depth = 3
+clock_skew = "30s"
+
+[policy]
+file = "policy.cedar"
+entities = "entities.json"
+
+[admin]
+spiffe_ids = ["spiffe://{trust_domain}/operator/*"]
+introspectors = []
+
+[audit]
+path = "audit.jsonl"
+
+[approvals]
+ttl = "15m"
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class DevPorts:
     listen: int = 8443
@@ -80,6 +119,17 @@ def _write(path: Path, data: str | bytes, *, private: bool = False) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as f:
         f.write(raw)
+
+
+def _dev_config(ports: DevPorts) -> str:
+    """The dev `broker.toml`: the files `write_dev_setup` writes, served on `ports` of 127.0.0.1."""
+    return DEV_CONFIG_TEMPLATE.format(
+        listen=ports.listen,
+        token_listen=ports.token_listen,
+        http_listen=ports.http_listen,
+        broker_id=BROKER_ID,
+        trust_domain=TRUST_DOMAIN,
+    )
 
 
 def write_dev_setup(folder: Path, ports: DevPorts = DevPorts()) -> Path:
@@ -97,44 +147,5 @@ def write_dev_setup(folder: Path, ports: DevPorts = DevPorts()) -> Path:
     _write(folder / "policy.cedar", DEV_POLICY)
     _write(folder / "entities.json", json.dumps(DEV_ENTITIES, indent=2) + "\n")
     config = folder / "broker.toml"
-    _write(
-        config,
-        f"""\
-# Written by `broker serve --dev`: development settings only.
-[server]
-listen = "127.0.0.1:{ports.listen}"
-token_listen = "127.0.0.1:{ports.token_listen}"
-http_listen = "127.0.0.1:{ports.http_listen}"
-cert = "broker.pem"
-key = "broker-key.pem"
-spiffe_id = "{BROKER_ID}"
-
-[[trust_domains]]
-name = "{TRUST_DOMAIN}"
-bundle = "{TRUST_DOMAIN}.bundle.pem"
-jwt_bundle = "{TRUST_DOMAIN}.jwks.json"
-
-[tokens]
-algorithm = "ES256"
-default_ttl = "5m"
-max_ttl = "1h"
-max_task_lifetime = "8h"
-max_delegation_depth = 3
-clock_skew = "30s"
-
-[policy]
-file = "policy.cedar"
-entities = "entities.json"
-
-[admin]
-spiffe_ids = ["spiffe://{TRUST_DOMAIN}/operator/*"]
-introspectors = []
-
-[audit]
-path = "audit.jsonl"
-
-[approvals]
-ttl = "15m"
-""",
-    )
+    _write(config, _dev_config(ports))
     return config

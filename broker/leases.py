@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
-from operator import attrgetter
 
 from broker.errors import InvalidRequest, LeaseInactive, LeaseNotFound, TaskConflict
 from broker.events import (
@@ -35,6 +33,7 @@ from broker.events import (
     TaskOpened,
     TaskState,
 )
+from broker.lease_index import LeaseIndex
 
 __all__ = [
     "BROKER_INITIATOR",
@@ -65,28 +64,13 @@ _TOMBSTONE_DUE = 2
 _TASK_PURGE = 3
 
 _ACTIVE = LeaseState.ACTIVE
-_ORDER = attrgetter("issued_at", "id")
 
 
-def _index_add(index: dict[str, set[str]], key: str, lease_id: str) -> None:
-    ids = index.get(key)
-    if ids is None:
-        index[key] = {lease_id}
-    else:
-        ids.add(lease_id)
-
-
-def _index_discard(index: dict[str, set[str]], key: str, lease_id: str) -> None:
-    # Empty sets are dropped so that memory stays bounded under churn.
-    ids = index.get(key)
-    if ids is not None:
-        ids.discard(lease_id)
-        if not ids:
-            del index[key]
-
-
-class LeaseTable:
+class LeaseTable(LeaseIndex):
     """Leases and tasks in memory, changed only by applying events.
+
+    The queries (`get`, `list`, `children`, `counts`, ...) and the state they read come from
+    `LeaseIndex`; this class holds every rule about how that state changes.
 
     An ended lease is kept as a tombstone until `token_exp + tombstone_grace`: the grace
     (e.g. the clock skew resource servers allow) lets a late Renew or Introspect still see
@@ -96,17 +80,8 @@ class LeaseTable:
     def __init__(self, *, tombstone_grace: float = 0.0) -> None:
         if tombstone_grace < 0:
             raise ValueError("tombstone grace must not be negative")
+        super().__init__()
         self._grace = tombstone_grace
-        self._leases: dict[str, Lease] = {}
-        self._tasks: dict[str, Task] = {}
-        self._by_task: dict[str, set[str]] = {}
-        self._by_subject: dict[str, set[str]] = {}
-        self._by_audience: dict[str, set[str]] = {}
-        # Leases held by a client other than their subject (delegations, subject-token exchanges).
-        self._by_client: dict[str, set[str]] = {}
-        self._children: dict[str, set[str]] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._active = 0
         self._subscribers: tuple[tuple[object, Subscriber], ...] = ()
 
     def apply(self, event: Event) -> None:
@@ -158,13 +133,7 @@ class LeaseTable:
 
     def _on_granted(self, lease: Lease) -> None:
         self._leases[lease.id] = lease
-        _index_add(self._by_task, lease.task_id, lease.id)
-        _index_add(self._by_subject, lease.subject, lease.id)
-        _index_add(self._by_audience, lease.audience, lease.id)
-        if lease.client_id != lease.subject:
-            _index_add(self._by_client, lease.client_id, lease.id)
-        if lease.parent_id is not None:
-            _index_add(self._children, lease.parent_id, lease.id)
+        self._index(lease)
         if lease.state is _ACTIVE:
             self._active += 1
             heapq.heappush(self._heap, (lease.expires_at, _LEASE_DUE, lease.id))
@@ -309,12 +278,8 @@ class LeaseTable:
 
     def revoke_all(self, reason: Reason, *, now: float, initiator: str) -> list[Lease]:
         """End every active lease with `reason`."""
-        roots = sorted((lease for lease in self._leases.values() if lease.state is _ACTIVE), key=_ORDER)
+        roots = self._active_among(self._leases)
         return self._end_all(roots, reason, now, now, initiator)
-
-    def _active_among(self, lease_ids: Iterable[str]) -> list[Lease]:
-        leases = self._leases
-        return sorted((leases[i] for i in lease_ids if leases[i].state is _ACTIVE), key=_ORDER)
 
     def _end_all(self, roots: list[Lease], reason: Reason, ended_at: float, now: float, initiator: str) -> list[Lease]:
         # Roots first, all with `reason`; then whatever is still active below them.
@@ -322,19 +287,6 @@ class LeaseTable:
         for lease in self._active_descendants([lease.id for lease in roots]):
             changed.append(self._end(lease, Reason.PARENT_REVOKED, ended_at, now, initiator))
         return changed
-
-    def _active_descendants(self, root_ids: list[str]) -> list[Lease]:
-        # Breadth first and iterative: delegation chains may be deep. An ended lease never
-        # has active descendants, so only active children are descended into.
-        found: list[Lease] = []
-        queue = deque(root_ids)
-        while queue:
-            for child_id in sorted(self._children.get(queue.popleft(), ())):
-                child = self._leases[child_id]
-                if child.state is _ACTIVE:
-                    found.append(child)
-                    queue.append(child_id)
-        return found
 
     def _end(self, lease: Lease, reason: Reason, ended_at: float, now: float, initiator: str) -> Lease:
         ended = lease.ended(reason, at=ended_at, initiator=initiator)
@@ -401,69 +353,4 @@ class LeaseTable:
         if lease is None or lease.state is _ACTIVE or lease.token_exp + self._grace != when:
             return
         del self._leases[lease_id]
-        _index_discard(self._by_task, lease.task_id, lease_id)
-        _index_discard(self._by_subject, lease.subject, lease_id)
-        _index_discard(self._by_audience, lease.audience, lease_id)
-        if lease.client_id != lease.subject:
-            _index_discard(self._by_client, lease.client_id, lease_id)
-        if lease.parent_id is not None:
-            _index_discard(self._children, lease.parent_id, lease_id)
-        self._children.pop(lease_id, None)
-
-    def has_due(self, now: float) -> bool:
-        """True when some heap entry is due at `now` (possibly a stale one)."""
-        return bool(self._heap) and self._heap[0][0] <= now
-
-    def next_deadline(self) -> float | None:
-        """The earliest pending heap time, or None; it may belong to a stale entry (harmless)."""
-        return self._heap[0][0] if self._heap else None
-
-    def get(self, lease_id: str) -> Lease | None:
-        """The lease, active or a tombstone, or None."""
-        return self._leases.get(lease_id)
-
-    def get_task(self, task_id: str) -> Task | None:
-        """The task, open or closed-but-kept, or None."""
-        return self._tasks.get(task_id)
-
-    def children(self, lease_id: str) -> tuple[str, ...]:
-        """Ids of the leases delegated from this one that are still kept, sorted."""
-        return tuple(sorted(self._children.get(lease_id, ())))
-
-    def counts(self) -> dict[str, int]:
-        """Numbers of active leases, tombstones and kept tasks."""
-        return {"active": self._active, "tombstones": len(self._leases) - self._active, "tasks": len(self._tasks)}
-
-    def footprint(self) -> dict[str, int]:
-        """Sizes of every internal structure, for tests and metrics (walks the indexes)."""
-        indexes = (self._by_task, self._by_subject, self._by_audience, self._by_client, self._children)
-        return {
-            "leases": len(self._leases),
-            "tasks": len(self._tasks),
-            "heap": len(self._heap),
-            "index_keys": sum(len(index) for index in indexes),
-            "index_entries": sum(len(ids) for index in indexes for ids in index.values()),
-        }
-
-    def list(
-        self,
-        *,
-        task_id: str | None = None,
-        subject: str | None = None,
-        audience: str | None = None,
-        include_inactive: bool = False,
-    ) -> list[Lease]:
-        """Leases matching every given filter, ordered by (issued_at, id); active only by default."""
-        filters = ((task_id, self._by_task), (subject, self._by_subject), (audience, self._by_audience))
-        sets = [index.get(key, set()) for key, index in filters if key is not None]
-        candidates = (self._leases[i] for i in min(sets, key=len)) if sets else self._leases.values()
-        found = [
-            lease
-            for lease in candidates
-            if (include_inactive or lease.state is _ACTIVE)
-            and (task_id is None or lease.task_id == task_id)
-            and (subject is None or lease.subject == subject)
-            and (audience is None or lease.audience == audience)
-        ]
-        found.sort(key=_ORDER)
-        return found
+        self._unindex(lease)

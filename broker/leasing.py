@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from broker.audit import AuditLog
 from broker.clock import Clock
@@ -11,7 +12,7 @@ from broker.identity import Identity, matches_any
 from broker.intent import Intent, check_task_id
 from broker.issuance import Issued, Issuer, Plan, Settings
 from broker.leases import Lease, LeaseState, LeaseTable, Reason
-from broker.policy import PolicyEngine
+from broker.policy import Decision, PolicyEngine
 from broker.tokens import TokenMinter
 
 
@@ -56,6 +57,32 @@ class Leasing:
                 or it needs a fresh human approval.
         """
         now = self._clock.now()
+        lease = self._held_lease(caller, lease_id, now)
+        context = {**lease.context, "ttl_seconds": int(ttl_seconds or self._settings.default_ttl)}
+        decision = self._recheck(caller, lease, context, now)
+        plan = Plan(
+            intent=_renewal_intent(lease, ttl_seconds),
+            subject=lease.subject,
+            caller=caller,
+            decision=decision,
+            context=context,
+            parent=self._leases.get(lease.parent_id) if lease.parent_id else None,
+            actor_chain=lease.actor_chain,
+            not_after=lease.not_after,
+        )
+        task = self._leases.get_task(lease.task_id)
+        lifetime = self._issuer.lifetime(plan, now, deadline=task.deadline if task else now, caller=caller)
+        renewed = self._leases.renew(lease.id, expires_at=lifetime.expires_at, token_exp=lifetime.expires_at, now=now)
+        return self._issuer.deliver(renewed, now=now, cnf=caller.x5t_s256, capped_by=lifetime.capped_by, renewal=True)
+
+    def _held_lease(self, caller: Identity, lease_id: str, now: float) -> Lease:
+        """The caller's active lease, renewable over this credential.
+
+        Raises:
+            LeaseNotFound: no such lease held by the caller, or a certificate-bound lease
+                presented without a certificate.
+            LeaseInactive: the lease is revoked or expired.
+        """
         lease = self._leases.get(lease_id)
         if lease is None or lease.client_id != caller.principal:
             raise LeaseNotFound("no such lease")
@@ -65,14 +92,15 @@ class Leasing:
             raise LeaseNotFound("no such lease held by this credential: renew it over mTLS")
         if not lease.is_active(now):
             raise LeaseInactive(f"lease is {_state_word(lease)}")
-        intent = Intent(
-            task_id=lease.task_id,
-            audience=lease.audience,
-            actions=lease.scope,
-            resource=lease.resource,
-            ttl_seconds=ttl_seconds,
-        )
-        context = {**lease.context, "ttl_seconds": int(ttl_seconds or self._settings.default_ttl)}
+        return lease
+
+    def _recheck(self, caller: Identity, lease: Lease, context: dict[str, Any], now: float) -> Decision:
+        """Decide the lease's scope again under today's policy, and audit the decision.
+
+        Raises:
+            PolicyDenied: policy now refuses it (the lease is then revoked, RENEWAL_DENIED),
+                or it needs a fresh human approval.
+        """
         decision = self._policy.decide_all(lease.subject, lease.scope, lease.resource, context)
         self._audit.record(
             "decision",
@@ -93,21 +121,7 @@ class Leasing:
             raise PolicyDenied(f"renewal denied: {decision.reason}", decision.policies)
         if decision.approval_required:
             raise PolicyDenied("renewal needs a fresh approval: exchange again", decision.policies)
-        parent = self._leases.get(lease.parent_id) if lease.parent_id else None
-        plan = Plan(
-            intent=intent,
-            subject=lease.subject,
-            caller=caller,
-            decision=decision,
-            context=context,
-            parent=parent,
-            actor_chain=lease.actor_chain,
-            not_after=lease.not_after,
-        )
-        task = self._leases.get_task(lease.task_id)
-        lifetime = self._issuer.lifetime(plan, now, deadline=task.deadline if task else now, caller=caller)
-        renewed = self._leases.renew(lease.id, expires_at=lifetime.expires_at, token_exp=lifetime.expires_at, now=now)
-        return self._issuer.deliver(renewed, now=now, cnf=caller.x5t_s256, capped_by=lifetime.capped_by, renewal=True)
+        return decision
 
     def complete_task(self, caller: Identity, task_id: str) -> int:
         """Revoke every lease of the caller's task and close it; returns how many changed.
@@ -142,6 +156,17 @@ class Leasing:
             return Introspection(active=False)
         # A renewal may have shortened the lease below this token's own exp.
         return Introspection(active=True, lease=lease, expires_at=min(float(claims["exp"]), lease.expires_at))
+
+
+def _renewal_intent(lease: Lease, ttl_seconds: int) -> Intent:
+    """The request a renewal stands for: the lease's own task, audience, scope and resource."""
+    return Intent(
+        task_id=lease.task_id,
+        audience=lease.audience,
+        actions=lease.scope,
+        resource=lease.resource,
+        ttl_seconds=ttl_seconds,
+    )
 
 
 def _state_word(lease: Lease) -> str:

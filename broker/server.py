@@ -220,19 +220,26 @@ def build_app(config: Config, *, clock: Clock | None = None) -> BrokerApp:
         ConfigError: a file named by the config cannot be used.
         PolicyError: the policy file does not parse.
     """
+    # What reads a file is built here, before anything is wired: a bad config fails early.
     clock = clock or SystemClock()
-    leases = LeaseTable(tombstone_grace=TOMBSTONE_GRACE_SECONDS)
-    approvals = ApprovalStore()
     minter = TokenMinter(str(config.server.spiffe_id), build_signing_key(config))
     policy = PolicyEngine.from_files(config.policy.file, config.policy.entities)
+    audit = _open_audit(config, clock)
+    verifiers = build_verifiers(config, clock)
+    return _wire(config, clock, minter=minter, policy=policy, audit=audit, verifiers=verifiers)
+
+
+def _open_audit(config: Config, clock: Clock) -> AuditLog:
+    """Raises: ConfigError when the audit log cannot be opened."""
     try:
-        audit = AuditLog.open(config.audit.path, clock=clock)
+        return AuditLog.open(config.audit.path, clock=clock)
     except OSError as e:
         raise ConfigError("audit.path", f"cannot open {config.audit.path}: {e.strerror}") from e
-    leases.subscribe(audit.on_event)
-    verifiers = build_verifiers(config, clock)
+
+
+def _settings(config: Config) -> Settings:
     tokens = config.tokens
-    settings = Settings(
+    return Settings(
         issuer=str(config.server.spiffe_id),
         default_ttl=tokens.default_ttl,
         max_ttl=tokens.max_ttl,
@@ -242,6 +249,17 @@ def build_app(config: Config, *, clock: Clock | None = None) -> BrokerApp:
         introspectors=config.admin.introspectors,
         limits=_limits(config),
     )
+
+
+def _wire(
+    config: Config, clock: Clock, *, minter: TokenMinter, policy: PolicyEngine, audit: AuditLog, verifiers: Verifiers
+) -> BrokerApp:
+    """The lease table, the use cases and the loops around the built parts, as a `BrokerApp`."""
+    # Construction order is subscription order: lease events reach audit, feed, reaper.
+    leases = LeaseTable(tombstone_grace=TOMBSTONE_GRACE_SECONDS)
+    leases.subscribe(audit.on_event)
+    approvals = ApprovalStore()
+    settings = _settings(config)
     issuer = Issuer(leases=leases, minter=minter, audit=audit, clock=clock, settings=settings)
     exchange = Exchange(
         verifiers=verifiers,
