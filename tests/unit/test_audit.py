@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.audit import AuditLog
 from broker.events import LeaseState
@@ -183,7 +185,10 @@ def test_a_jwt_inside_a_value_is_replaced_by_its_hash(audit: AuditLog, sink: io.
 
 
 def test_a_pem_private_key_in_a_value_is_redacted(audit: AuditLog, sink: io.StringIO) -> None:
-    audit.record("policy.reload_failed", reason="-----BEGIN PRIVATE KEY-----\nMIGH\n-----END PRIVATE KEY-----")
+    key_pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    audit.record("policy.reload_failed", reason=key_pem.decode())
     assert lines(sink)[0]["reason"] == "[redacted]"
 
 
