@@ -54,7 +54,7 @@ def _decode_token(token: str, flt: LeaseFilter) -> tuple[float, str]:
         issued_at, lease_id, key = json.loads(raw)
         position = (float(issued_at), str(lease_id))
         key = tuple(key)
-    except (ValueError, TypeError, binascii.Error) as e:
+    except (ValueError, TypeError, RecursionError, binascii.Error) as e:
         raise InvalidRequest("page_token is not one this broker issued") from e
     if key != _filter_key(flt):
         raise InvalidRequest("page_token belongs to a listing with other filters")
@@ -83,7 +83,7 @@ def _typed(key: str, value: str) -> Any:
             raise InvalidRequest(f"context: {key} must be true or false")
         return value == "true"
     if kind is int:
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise InvalidRequest(f"context: {key} must be a whole number")
         return int(value)
     return value

@@ -117,7 +117,7 @@ def check_listen(value: str | None, key: str) -> str | None:
     host, sep, port = value.rpartition(":")
     name = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     bad_host = not name or (name == host and bool(set(host) & set("[]:"))) or any(c.isspace() for c in host)
-    if not sep or bad_host or not port.isdigit() or int(port) > 65535:
+    if not sep or bad_host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError(key, f'must be "host:port" with a port from 0 to 65535, not {value!r}')
     return value
 
