@@ -148,7 +148,7 @@ def _revoke_parser(commands: argparse._SubParsersAction) -> None:
     selector.add_argument("--subject", help="every lease on behalf of a principal")
     selector.add_argument("--all", action="store_true", help="every lease; also rotates the signing key")
     revoke.add_argument("--reason", default="", help="note recorded in the audit trail")
-    revoke.add_argument("--yes", action="store_true", help="confirm --all")
+    revoke.add_argument("--yes", action="store_true", help="skip the confirmation --all asks for at a terminal")
 
 
 def _policy_parsers(commands: argparse._SubParsersAction) -> None:
@@ -257,8 +257,11 @@ def approvals_deny(call: Call, args: argparse.Namespace) -> str:
 
 def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Rules argparse cannot say; `parser.error` exits 2 with the usage line."""
-    if args.handler is revoke_cmd and args.all and not args.yes:
-        parser.error("revoke --all revokes every lease and rotates the signing key: add --yes to confirm")
+    if args.handler is revoke_cmd and args.all and not args.yes and sys.stdin.isatty():
+        # At a terminal, a person confirms; scripts (no tty) run `revoke --all` as documented.
+        answer = input("revoke every lease and rotate the signing key? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            parser.error("revoke --all not confirmed")
     if args.handler is policy_check:
         keys = [key for key, _ in args.context]
         if len(keys) != len(set(keys)):

@@ -64,7 +64,11 @@ async def _serve(config_path: Path) -> int:
     from broker.server import build_app
 
     app = build_app(load_config(config_path))
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        await app.stop(grace=0)  # whatever listeners did start
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,7 +19,9 @@ from broker.errors import (
     ApprovalExpired,
     ApprovalNotFound,
     ApprovalNotPending,
+    BrokerError,
     CredentialRejected,
+    LeaseInactive,
     PermissionDenied,
     PolicyDenied,
     RateLimited,
@@ -73,13 +75,34 @@ class Exchange:
             PermissionDenied: the delegation chain would be deeper than allowed.
             LeaseInactive: no lifetime is left under the caps.
         """
-        plan = await self._plan(caller, intent)
-        self._check_task(plan)
+        try:
+            plan = await self._plan(caller, intent)
+            self._check_task(plan)
+        except BrokerError as e:
+            # Refused before policy ran (bad subject token, task conflict, delegation limits):
+            # still a decision, so still an audit record.
+            self._audit_refusal(caller, intent, e)
+            raise
         decision = self._decide(plan)
         plan = replace(plan, decision=decision)
         if decision.approval_required:
             return self._hold_for_approval(plan)
         return self._issuer.issue(plan)
+
+    def _audit_refusal(self, caller: Identity, intent: Intent, error: BrokerError) -> None:
+        self._audit.record(
+            "decision",
+            client_id=caller.principal,
+            auth=caller.kind.value,
+            task_id=intent.task_id or None,
+            actions=list(intent.actions),
+            resource=intent.resource or None,
+            audience=intent.audience or None,
+            delegated=intent.delegated or None,
+            decision="deny",
+            reason=error.reason,
+            policies=[],
+        )
 
     async def _plan(self, caller: Identity, intent: Intent) -> Plan:
         now = self._clock.now()
@@ -262,8 +285,15 @@ class Exchange:
         # or failed issuance (new forbid, task closed, parent revoked meanwhile) leaves it unused.
         now = self._clock.now()
         self._approvals.usable(approval.id, now=now)
+        plan = approval.plan
+        if plan.parent is not None:
+            # The parent may have been renewed (shorter) or ended while the approval waited.
+            parent = self._leases.get(plan.parent.id)
+            if parent is None or not parent.is_active(now):
+                raise LeaseInactive("the parent lease ended while the approval was pending")
+            plan = replace(plan, parent=parent)
         # An approval vouches for the request, not for the policy: a forbid added since still wins.
-        plan = replace(approval.plan, decision=self._decide(approval.plan))
+        plan = replace(plan, decision=self._decide(plan))
         issued = self._issuer.issue(plan)
         self._approvals.consume(approval.id, now=now)
         self._audit.record("approval.used", approval_id=approval.id, lease_id=issued.lease.id)

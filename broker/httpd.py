@@ -52,7 +52,8 @@ class HttpListener:
         self._server.daemon_threads = True
         host, port = self._server.server_address[:2]
         # From the configuration, never from the request's Host header (which a client controls).
-        self._jwks_uri = f"http://{host}:{port}/.well-known/jwks.json"
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._jwks_uri = f"http://{netloc}/.well-known/jwks.json"
         REGISTRY.register(self._collector)
         threading.Thread(target=self._server.serve_forever, name="broker-http", daemon=True).start()
         return self._server.server_address[1]

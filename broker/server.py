@@ -135,7 +135,10 @@ class BrokerApp:
             self.ports["token"] = await self._serve(Listener.TOKEN, cfg.token_listen, tls)
         if cfg.http_listen:
             self.http = HttpListener(cfg.http_listen, minter=self.minter, leases=self.leases, issuer=str(cfg.spiffe_id))
-            self.ports["http"] = self.http.start()
+            try:
+                self.ports["http"] = self.http.start()
+            except OSError as e:
+                raise ConfigError("server.http_listen", f"cannot listen on {cfg.http_listen}: {e.strerror}") from e
         for name in (*SERVICE_NAMES[:2], ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
@@ -171,11 +174,13 @@ class BrokerApp:
         pb_grpc.add_BrokerAdminServicer_to_server(BrokerAdminServicer(auth=auth, admin=self.admin), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(SERVICE_NAMES, server)
-        port = server.add_secure_port(address, creds)
+        key = f"server.{'listen' if listener is Listener.MTLS else 'token_listen'}"
+        try:
+            port = server.add_secure_port(address, creds)
+        except (RuntimeError, OSError) as e:  # this grpcio raises where older ones returned 0
+            raise ConfigError(key, f"cannot listen on {address} (in use, or not a local address)") from e
         if port == 0:
-            raise ConfigError(
-                f"server.{'listen' if listener is Listener.MTLS else 'token_listen'}", f"cannot listen on {address}"
-            )
+            raise ConfigError(key, f"cannot listen on {address}")
         await server.start()
         self.servers[listener] = server
         return port
@@ -195,13 +200,15 @@ class BrokerApp:
         log.info("broker stopped")
 
     def reload_policy(self) -> None:
-        """SIGHUP: reload the policy; a bad file is logged and the old policy stays."""
+        """SIGHUP: reload the policy; a bad file is logged and audited, and the old policy stays."""
         try:
             version = self.policy.reload()
         except Exception as e:
             log.error("policy reload refused", extra={"reason": str(e)[:300]})
+            self.audit.record("policy.reload_failed", operator="signal:SIGHUP", reason=str(e)[:300])
             return
         log.info("policy reloaded", extra={"policy_version": version})
+        self.audit.record("policy.reloaded", operator="signal:SIGHUP", policy_version=version)
 
 
 def _limits(config: Config) -> Limits:

@@ -184,7 +184,8 @@ REVOKE_CASES = [
     RevokeCase("lease", lambda lease_id: ["--lease", lease_id], 1, True),
     RevokeCase("task", lambda _: ["--task", "task-a"], 1, True),
     RevokeCase("subject", lambda _: ["--subject", PLANNER], 1, True),
-    RevokeCase("all", lambda _: ["--all", "--yes"], 2, False),
+    RevokeCase("all", lambda _: ["--all"], 2, False),
+    RevokeCase("all-yes", lambda _: ["--all", "--yes"], 2, False),
 ]
 
 
@@ -303,7 +304,6 @@ USAGE_CASES = [
     UsageCase("no-command", lambda f: [], "required: COMMAND"),
     UsageCase("two-selectors", lambda f: ["revoke", "--lease", "l1", "--task", "t1"], "not allowed with argument"),
     UsageCase("no-selector", lambda f: ["revoke"], "one of the arguments"),
-    UsageCase("all-without-yes", lambda f: ["revoke", "--all"], "--yes"),
     UsageCase("missing-cert-file", lambda f: ["--cert", str(f.cert.with_name("absent.pem")), "leases", "list"],
               "absent.pem"),
     UsageCase("key-file-is-a-certificate", lambda f: ["--key", str(f.cert), "leases", "list"], "no PEM private key"),

@@ -119,3 +119,16 @@ def test_sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one(tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_port_in_use_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _start("--dev", "--dir", str(tmp_path / "dev"), "--dev-ports", f"{port},0,0")
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "config error: server.listen" in err and "Traceback" not in err

@@ -380,3 +380,27 @@ def test_approval_ttl_comes_from_the_config(short_approvals: Harness) -> None:
     harness.clock.advance(121)
     harness.broker.settle()
     assert [a.state for a in listed(harness, include_decided=True)] == ["EXPIRED"]
+
+
+def test_approved_delegation_is_capped_by_the_parent_as_it_is_now(harness: Harness, tmp_path) -> None:
+    policy = tmp_path / "policy.cedar"
+    policy.write_text(policy.read_text() + """
+@id("delegated-writes-need-approval")
+@approval("required")
+permit (principal in Team::"agents", action == Action::"repo:write", resource == Resource::"repo:org/app")
+when { context.delegated };
+""")
+    harness.operator().ReloadPolicy(pb.ReloadPolicyRequest(), timeout=5)
+    planner = harness.agent(PLANNER)
+    root = planner.Exchange(
+        pb.ExchangeRequest(task_id="w", audience=RESOURCE_SERVER_ID, actions=["repo:write"], resource="repo:org/app",
+                           ttl_seconds=1200),
+        timeout=5,
+    )
+    req = pb.ExchangeRequest(actions=["repo:write"], subject_token=root.access_token, subject_token_type=ACCESS)
+    held = harness.agent(WORKER).Exchange(req, timeout=5)
+    assert held.state == "PENDING_APPROVAL"
+    shorter = planner.Renew(pb.RenewRequest(lease_id=root.lease_id, ttl_seconds=60), timeout=5)
+    approve(harness, held.approval_id)
+    child = await_approval(harness, held.approval_id, agent=WORKER)
+    assert child.ttl_capped_by == "parent_lease" and child.expires_at.seconds == shorter.expires_at.seconds

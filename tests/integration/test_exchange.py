@@ -335,3 +335,13 @@ def test_unreachable_oidc_issuer_is_unavailable_not_a_crash(harness: Harness) ->
     finally:
         oidc.set_available(True)
     assert harness.token_agent().Exchange(request(), timeout=10, metadata=bearer(token)).state == "ISSUED"
+
+
+def test_refusals_before_policy_are_audited_too(harness: Harness, tmp_path) -> None:
+    harness.agent(PLANNER).Exchange(request(task_id="owned"), timeout=5)
+    with pytest.raises(grpc.RpcError):
+        harness.agent(WORKER).Exchange(request(task_id="owned"), timeout=5)
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    denied = [r for r in records if r["kind"] == "decision" and r["decision"] == "deny"]
+    assert [(d["client_id"], d["task_id"]) for d in denied] == [(WORKER, "owned")]
+    assert "another principal" in denied[0]["reason"]
