@@ -129,7 +129,6 @@ class AuthKind(StrEnum):
     X509_SVID = "x509-svid"
     JWT_SVID = "jwt-svid"
     OIDC = "oidc"
-    BROKER_TOKEN = "broker-token"
 
 
 def _frozen(claims: Mapping[str, Any]) -> Mapping[str, Any]:
