@@ -95,28 +95,28 @@ class ApprovalStore:
     def get(self, approval_id: str) -> Approval | None:
         return self._approvals.get(approval_id)
 
-    def _pending(self, approval_id: str, now: float) -> Approval:
+    def _expect(self, approval_id: str, state: ApprovalState, now: float, *, before: str) -> Approval:
         approval = self._approvals.get(approval_id)
         if approval is None:
             raise ApprovalNotFound("no such approval")
-        if approval.state is ApprovalState.PENDING and approval.expires_at <= now:
+        if approval.state is state and approval.expires_at <= now:
             self.expire_due(now)
-            raise ApprovalExpired("approval expired before a decision")
+            raise ApprovalExpired(f"approval expired before {before}")
         # The same answer whether or not the reaper got there first.
         if approval.state is ApprovalState.EXPIRED:
-            raise ApprovalExpired("approval expired before a decision")
-        if approval.state is not ApprovalState.PENDING:
-            raise ApprovalNotPending(f"approval is {approval.state.value.lower()}, not pending")
+            raise ApprovalExpired(f"approval expired before {before}")
+        if approval.state is not state:
+            raise ApprovalNotPending(f"approval is {approval.state.value.lower()}, not {state.value.lower()}")
         return approval
 
     def approve(self, approval_id: str, *, by: str, note: str, now: float) -> Approval:
         """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending."""
-        approval = self._pending(approval_id, now)
+        approval = self._expect(approval_id, ApprovalState.PENDING, now, before="a decision")
         return self._put(replace(approval, state=ApprovalState.APPROVED, decided_by=by, note=note, decided_at=now))
 
     def deny(self, approval_id: str, *, by: str, note: str, now: float) -> Approval:
         """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending."""
-        approval = self._pending(approval_id, now)
+        approval = self._expect(approval_id, ApprovalState.PENDING, now, before="a decision")
         return self._put(replace(approval, state=ApprovalState.DENIED, decided_by=by, note=note, decided_at=now))
 
     def usable(self, approval_id: str, *, now: float) -> Approval:
@@ -127,17 +127,7 @@ class ApprovalStore:
             ApprovalExpired: it expired before it was used.
             ApprovalNotPending: it is not approved, or already used.
         """
-        approval = self._approvals.get(approval_id)
-        if approval is None:
-            raise ApprovalNotFound("no such approval")
-        if approval.state is ApprovalState.APPROVED and approval.expires_at <= now:
-            self.expire_due(now)
-            raise ApprovalExpired("approval expired before it was used")
-        if approval.state is ApprovalState.EXPIRED:
-            raise ApprovalExpired("approval expired before it was used")
-        if approval.state is not ApprovalState.APPROVED:
-            raise ApprovalNotPending(f"approval is {approval.state.value.lower()}, not approved")
-        return approval
+        return self._expect(approval_id, ApprovalState.APPROVED, now, before="it was used")
 
     def consume(self, approval_id: str, *, now: float) -> Approval:
         """Mark an approved approval used, once.
