@@ -189,6 +189,9 @@ class Exchange:
                 raise TaskConflict("the parent lease's task is closed")
             return
         if task is None:
+            limit = self._settings.max_tasks_per_principal
+            if self._leases.tasks_of(plan.subject) >= limit:
+                raise RateLimited(f"{plan.subject} already has {limit} tasks: complete some, or reuse one")
             return
         if task.owner != plan.subject:
             raise TaskConflict("task id belongs to another principal")

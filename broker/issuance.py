@@ -32,6 +32,8 @@ class Settings:
     approval_ttl: float = 900
     # A caller waiting on more approvals than this is told to wait for a decision first.
     max_pending_approvals: int = 16
+    # Tasks one principal may own at once (open, or closed but remembered until their deadline).
+    max_tasks_per_principal: int = 1000
     introspectors: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
 

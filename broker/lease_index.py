@@ -43,6 +43,7 @@ class LeaseIndex:
     def __init__(self) -> None:
         self._leases: dict[str, Lease] = {}
         self._tasks: dict[str, Task] = {}
+        self._tasks_by_owner: dict[str, int] = {}  # kept tasks (open or closed) per owner
         self._by_task: dict[str, set[str]] = {}
         self._by_subject: dict[str, set[str]] = {}
         self._by_audience: dict[str, set[str]] = {}
@@ -104,6 +105,10 @@ class LeaseIndex:
         """The task, open or closed-but-kept, or None."""
         return self._tasks.get(task_id)
 
+    def tasks_of(self, owner: str) -> int:
+        """How many tasks (open, or closed but kept) `owner` has."""
+        return self._tasks_by_owner.get(owner, 0)
+
     def children(self, lease_id: str) -> tuple[str, ...]:
         """Ids of the leases delegated from this one that are still kept, sorted."""
         return tuple(sorted(self._children.get(lease_id, ())))
@@ -119,7 +124,7 @@ class LeaseIndex:
             "leases": len(self._leases),
             "tasks": len(self._tasks),
             "heap": len(self._heap),
-            "index_keys": sum(len(index) for index in indexes),
+            "index_keys": sum(len(index) for index in indexes) + len(self._tasks_by_owner),
             "index_entries": sum(len(ids) for index in indexes for ids in index.values()),
         }
 

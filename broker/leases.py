@@ -125,6 +125,7 @@ class LeaseTable(LeaseIndex):
                 heapq.heappush(self._heap, (expires_at, _LEASE_DUE, lease_id))
             case TaskOpened(task=task):
                 self._tasks[task.id] = task
+                self._tasks_by_owner[task.owner] = self._tasks_by_owner.get(task.owner, 0) + 1
                 heapq.heappush(self._heap, (task.deadline, _TASK_DUE, task.id))
             case TaskClosed(task=task):
                 self._tasks[task.id] = task
@@ -340,13 +341,21 @@ class LeaseTable(LeaseIndex):
         if self._grace > 0:
             heapq.heappush(self._heap, (when + self._grace, _TASK_PURGE, task_id))
         else:
-            del self._tasks[task_id]
+            self._drop_task(task)
         return changed
 
     def _purge_task(self, task_id: str, when: float) -> None:
         task = self._tasks.get(task_id)
         if task is not None and task.state is not TaskState.OPEN and task.deadline + self._grace == when:
-            del self._tasks[task_id]
+            self._drop_task(task)
+
+    def _drop_task(self, task: Task) -> None:
+        del self._tasks[task.id]
+        left = self._tasks_by_owner[task.owner] - 1
+        if left:
+            self._tasks_by_owner[task.owner] = left
+        else:
+            del self._tasks_by_owner[task.owner]
 
     def _purge_lease(self, lease_id: str, when: float) -> None:
         lease = self._leases.get(lease_id)

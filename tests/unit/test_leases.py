@@ -678,3 +678,17 @@ def test_expire_due_with_a_limit_handles_at_most_that_many_entries() -> None:
     assert len(first) == 2 and table.has_due(T0 + 10)
     rest = table.expire_due(T0 + 10)
     assert len(rest) == 3 and not table.has_due(T0 + 10)
+
+
+def test_tasks_are_counted_per_owner_until_purged() -> None:
+    table = LeaseTable(tombstone_grace=10)
+    table.open_task("a", OWNER, now=T0, deadline=T0 + 100)
+    table.open_task("b", OWNER, now=T0, deadline=T0 + 200)
+    table.open_task("c", OTHER, now=T0, deadline=T0 + 100)
+    assert (table.tasks_of(OWNER), table.tasks_of(OTHER)) == (2, 1)
+    table.complete_task("b", owner=OWNER, now=T0 + 1, initiator=OWNER)
+    assert table.tasks_of(OWNER) == 2  # a completed task is remembered until its deadline
+    table.expire_due(T0 + 110)
+    assert (table.tasks_of(OWNER), table.tasks_of(OTHER)) == (1, 0)
+    table.expire_due(T0 + 210)
+    assert table.tasks_of(OWNER) == 0 and table.footprint()["index_keys"] == 0

@@ -840,3 +840,14 @@ def test_a_caller_waiting_on_too_many_approvals_is_rate_limited(build: Build) ->
     with pytest.raises(RateLimited, match="waiting on 2 approvals"):
         broker.ask(caller, task_id="t3", actions=("deploy",), resource="service:app")
     assert broker.approvals.pending_count(caller.principal) == 2
+
+
+def test_a_principal_with_too_many_tasks_cannot_open_another(build: Build) -> None:
+    broker = build(max_tasks_per_principal=2)
+    caller = broker.x509_caller(AGENT)
+    broker.ask(caller, task_id="t1")
+    broker.ask(caller, task_id="t2")
+    broker.ask(caller, task_id="t2")  # an existing task is still usable
+    with pytest.raises(RateLimited, match="already has 2 tasks"):
+        broker.ask(caller, task_id="t3")
+    assert broker.leases.get_task("t3") is None
