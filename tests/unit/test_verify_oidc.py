@@ -149,7 +149,13 @@ def _attack(a: OidcProvider, p: OidcProvider, **headers: object) -> str:
 
 CASES = [
     Case("valid", lambda p, a: p.id_token("alice", AUD, now=NOW), None),
-    Case("aud-list-holding-ours", lambda p, a: p.id_token("alice", ["other", AUD], now=NOW), None),
+    Case("aud-list-holding-ours-with-our-azp",
+         lambda p, a: p.id_token("alice", ["other", AUD], now=NOW, claims={"azp": AUD}), None),
+    Case("aud-list-without-azp", lambda p, a: p.id_token("alice", ["other", AUD], now=NOW),
+         "oidc: azp is required when aud has several values"),
+    Case("azp-of-another-client", lambda p, a: p.id_token("alice", AUD, now=NOW, claims={"azp": "other"}),
+         "oidc: azp names another client"),
+    Case("azp-ours", lambda p, a: p.id_token("alice", AUD, now=NOW, claims={"azp": AUD}), None),
     Case("expired-within-skew", lambda p, a: p.id_token("alice", AUD, now=NOW, claims={"exp": NOW - 29}), None),
     Case("alg-none", lambda p, a: p.id_token("alice", AUD, now=NOW, alg="none"), "jwt: alg none is not allowed"),
     Case("hs256-keyed-with-public-key", lambda p, a: p.id_token("alice", AUD, now=NOW, alg="HS256"),
