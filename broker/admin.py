@@ -16,7 +16,7 @@ from broker.errors import InvalidRequest, LeaseNotFound, PermissionDenied
 from broker.identity import Identity
 from broker.intent import Limits, check_actions, check_context, check_task_id
 from broker.leases import Lease, LeaseTable, Reason
-from broker.policy import Decision, PolicyEngine
+from broker.policy import Decision, EntityRef, PolicyEngine
 from broker.tokens import TokenMinter
 
 DEFAULT_PAGE_SIZE = 100
@@ -115,6 +115,8 @@ def dry_run_context(principal: str, context: Mapping[str, str]) -> dict[str, Any
             ctx[key] = _typed(key, value)
         else:
             ctx["request"][key] = value
+    if ctx["actor"]:
+        ctx["actor_entity"] = EntityRef("Workload", ctx["actor"])
     return ctx
 
 

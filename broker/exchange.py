@@ -31,7 +31,7 @@ from broker.identity import AuthKind, Identity
 from broker.intent import Intent
 from broker.issuance import PENDING_APPROVAL, UNDECIDED, Issued, Issuer, Plan, Settings
 from broker.leases import Lease, LeaseTable, TaskState
-from broker.policy import Decision, PolicyEngine
+from broker.policy import Decision, EntityRef, PolicyEngine
 from broker.tokens import TokenMinter
 from broker.verify import Verifiers
 
@@ -167,7 +167,7 @@ class Exchange:
         return parent, float(claims["exp"])
 
     def _context(self, intent: Intent, *, subject: Identity, caller: Identity, depth: int, actor: str) -> dict:
-        return {
+        context = {
             "task_id": intent.task_id,
             "audience": intent.audience,
             "ttl_seconds": int(intent.ttl_seconds or self._settings.default_ttl),
@@ -181,6 +181,10 @@ class Exchange:
             "claims": dict(subject.claims),
             "request": dict(intent.context),
         }
+        if actor:
+            # The acting agent as an entity, so policy can test its groups: `context.actor_entity in Team::"x"`.
+            context["actor_entity"] = EntityRef("Workload", actor)
+        return context
 
     def _check_task(self, plan: Plan) -> None:
         task = self._leases.get_task(plan.intent.task_id)

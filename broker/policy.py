@@ -42,6 +42,17 @@ _ERROR_ID_RE = re.compile(r"`(policy\d+)`")
 
 
 @dataclass(frozen=True, slots=True)
+class EntityRef:
+    """A reference to an entity, put in the context by the broker itself (never from input).
+
+    Claims and request context can never produce one: their `__entity` escapes are dropped.
+    """
+
+    type: str
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The answer of the policy engine, with the obligations of the permits that decided."""
 
@@ -226,6 +237,8 @@ def _cedar_value(value: Any, depth: int = 0) -> Any:
         return str(value)
     if isinstance(value, float):
         return repr(float(value))
+    if isinstance(value, EntityRef):
+        return {"__entity": {"type": value.type, "id": value.id}}
     if depth >= _MAX_DEPTH:
         return None
     if isinstance(value, Mapping):

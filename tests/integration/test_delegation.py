@@ -368,3 +368,36 @@ def test_sub_agent_renews_its_delegated_lease_within_the_parent(harness: Harness
     renewed = harness.agent(WORKER).Renew(pb.RenewRequest(lease_id=child.lease_id, ttl_seconds=3000), timeout=5)
     assert renewed.ttl_capped_by == "parent_lease" and renewed.expires_at.seconds == root.expires_at.seconds
     assert verify_with_jwks(harness, renewed.access_token)["act"] == {"sub": WORKER}
+
+
+def test_policy_can_require_the_actor_to_belong_to_a_group(harness: Harness, tmp_path) -> None:
+    policy = tmp_path / "policy.cedar"
+    policy.write_text(policy.read_text() + """
+@id("only-agents-act")
+forbid (principal, action, resource)
+when { context.delegated && !(context.actor_entity in Team::"agents") };
+""")
+    harness.operator().ReloadPolicy(pb.ReloadPolicyRequest(), timeout=5)
+    root = harness.agent(PLANNER).Exchange(request(), timeout=5)
+    assert harness.agent(WORKER).Exchange(delegation(root.access_token), timeout=5).state == "ISSUED"
+    with pytest.raises(grpc.RpcError) as err:
+        harness.agent(OUTSIDER).Exchange(delegation(root.access_token), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "only-agents-act" in err.value.details()
+
+
+
+def test_check_policy_dry_run_sees_the_actor_entity(harness: Harness, tmp_path) -> None:
+    policy = tmp_path / "policy.cedar"
+    policy.write_text(policy.read_text() + """
+@id("only-agents-act")
+forbid (principal, action, resource)
+when { context.delegated && !(context.actor_entity in Team::"agents") };
+""")
+    harness.operator().ReloadPolicy(pb.ReloadPolicyRequest(), timeout=5)
+
+    def check(actor: str) -> str:
+        req = pb.CheckPolicyRequest(principal=PLANNER, action="repo:read", resource=REPO,
+                                    context={"delegated": "true", "actor": actor})
+        return harness.operator().CheckPolicy(req, timeout=5).decision
+
+    assert (check(WORKER), check(OUTSIDER)) == ("ALLOW", "DENY")

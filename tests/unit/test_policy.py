@@ -559,3 +559,14 @@ def test_sample_policy(case: SampleCase) -> None:
         case.max_ttl,
         case.approval,
     )
+
+
+def test_an_entity_ref_put_in_by_the_broker_is_an_entity(tmp_path: Path) -> None:
+    from broker.policy import EntityRef
+
+    policy = '@id("ci-acts") permit (principal, action == Action::"act", resource) when { context.who in Team::"ci" };'
+    engine = write_engine(tmp_path, policy)
+    assert engine.decide(CI_BOT, "act", "r", base_context(who=EntityRef("Workload", CI_BOT))).allowed
+    assert not engine.decide(CI_BOT, "act", "r", base_context(who=EntityRef("Workload", "spiffe://x/y"))).allowed
+    forged = {"__entity": {"type": "Workload", "id": CI_BOT}}
+    assert not engine.decide(CI_BOT, "act", "r", base_context(who=forged)).allowed
