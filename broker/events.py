@@ -39,11 +39,12 @@ class Reason(StrEnum):
 
 
 class TaskState(StrEnum):
-    """A task is open until completed by its owner or until its deadline passes."""
+    """A task is open until completed by its owner, revoked by an operator, or past its deadline."""
 
     OPEN = "OPEN"
     COMPLETED = "COMPLETED"
     EXPIRED = "EXPIRED"
+    REVOKED = "REVOKED"
 
 
 def state_for(reason: Reason) -> LeaseState:

@@ -263,7 +263,14 @@ class LeaseTable(LeaseIndex):
         return self._end_all([lease], reason, now, now, initiator)
 
     def revoke_task(self, task_id: str, reason: Reason, *, now: float, initiator: str) -> list[Lease]:
-        """End every active lease of the task with `reason`; the task itself stays as it is."""
+        """End every active lease of the task with `reason`, and close the task (REVOKED).
+
+        A revoked task id cannot be used to mint again until its deadline has passed, as for
+        a completed one: stopping a task means stopping it, not inviting a fresh exchange.
+        """
+        task = self._tasks.get(task_id)
+        if task is not None and task.state is TaskState.OPEN:
+            return self._close_task(task, TaskState.REVOKED, reason, now, now, initiator)
         roots = self._active_among(self._by_task.get(task_id, ()))
         return self._end_all(roots, reason, now, now, initiator)
 

@@ -305,3 +305,12 @@ def test_a_watcher_that_falls_behind_is_cut_off_with_resource_exhausted(tiny_buf
             received.append(event.lease_id)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "cut off" in err.value.details()
     assert set(received) < set(lease_ids) and received
+
+
+def test_operator_revoking_a_task_stops_it_being_used_again(harness: Harness) -> None:
+    agent = harness.agent(PLANNER)
+    agent.Exchange(request(task_id="incident"), timeout=5)
+    assert harness.operator().Revoke(pb.RevokeRequest(task_id="incident"), timeout=5).revoked_count == 1
+    with pytest.raises(grpc.RpcError) as err:
+        agent.Exchange(request(task_id="incident"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in err.value.details()

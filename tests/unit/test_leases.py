@@ -258,10 +258,16 @@ def test_revoke_task_ends_only_that_tasks_active_leases() -> None:
     assert ([lease.id for lease in changed], table.counts()["active"]) == (["a"], 1)
 
 
-def test_revoke_task_leaves_the_task_open() -> None:
-    table = new_table()
-    table.revoke_task("task-1", Reason.OPERATOR, now=T0 + 2, initiator=OPS)
-    assert table.get_task("task-1").state is TaskState.OPEN
+def test_revoke_task_closes_the_task_until_its_deadline() -> None:
+    table = new_table(deadline=T0 + 100)
+    table.grant(make_lease("a", expires_at=T0 + 50), now=T0)
+    changed = table.revoke_task("task-1", Reason.OPERATOR, now=T0 + 2, initiator=OPS)
+    assert [lease.reason for lease in changed] == [Reason.OPERATOR]
+    task = table.get_task("task-1")
+    assert (task.state, task.reason) == (TaskState.REVOKED, Reason.OPERATOR)
+    with pytest.raises(TaskConflict, match="closed"):
+        table.open_task("task-1", OWNER, now=T0 + 3, deadline=T0 + 500)
+    assert table.revoke_task("task-1", Reason.OPERATOR, now=T0 + 4, initiator=OPS) == []
 
 
 def test_revoke_subject_ends_only_that_subjects_leases() -> None:
