@@ -151,8 +151,10 @@ def test_watcher_sees_completed_expired_operator_and_parent_revoked(harness: Har
         assert event.reason == "EXPIRED" and event.initiator == "broker"
 
         parent = planner.Exchange(request(task_id="tree", actions=["repo:read", "repo:write"]), timeout=5)
-        harness.agent(WORKER).Exchange(pb.ExchangeRequest(
-            actions=["repo:read"], subject_token=parent.access_token, subject_token_type=ACCESS), timeout=5)
+        harness.agent(WORKER).Exchange(
+            pb.ExchangeRequest(actions=["repo:read"], subject_token=parent.access_token, subject_token_type=ACCESS),
+            timeout=5,
+        )
         harness.operator().Revoke(pb.RevokeRequest(lease_id=parent.lease_id, reason="incident"), timeout=5)
         events = watcher.take(2)
         assert sorted(e.reason for e in events) == ["OPERATOR", "PARENT_REVOKED"]
@@ -314,3 +316,16 @@ def test_operator_revoking_a_task_stops_it_being_used_again(harness: Harness) ->
     with pytest.raises(grpc.RpcError) as err:
         agent.Exchange(request(task_id="incident"), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in err.value.details()
+
+
+def test_an_agent_acting_for_a_user_may_complete_the_users_task(harness: Harness) -> None:
+    user = harness.issuer.oidc().id_token("user-5", "spiffe://example.org/broker", claims={"email": "u5@example.org"})
+    req = request(
+        task_id="for-user", subject_token=user, subject_token_type="urn:ietf:params:oauth:token-type:id_token"
+    )
+    resp = harness.agent(PLANNER).Exchange(req, timeout=5)
+    with pytest.raises(grpc.RpcError) as err:
+        harness.agent(WORKER).CompleteTask(pb.CompleteTaskRequest(task_id="for-user"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    done = harness.agent(PLANNER).CompleteTask(pb.CompleteTaskRequest(task_id="for-user"), timeout=5)
+    assert done.revoked_count == 1 and not active(harness, resp.access_token)
