@@ -26,7 +26,6 @@ from jwt.algorithms import Algorithm
 
 from broker.errors import CredentialRejected
 
-ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 TOKEN_TYP = "at+jwt"
 MAX_TOKEN_BYTES = 16 * 1024
 ALGORITHMS = ("ES256", "EdDSA")

@@ -6,14 +6,11 @@ from collections.abc import Sequence
 
 from broker.errors import CredentialRejected, InvalidRequest
 from broker.identity import Identity
+from broker.intent import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT
 from broker.verify.jwt_common import parse_token
 from broker.verify.jwtsvid import JwtSvidVerifier
 from broker.verify.oidc import JwksFetcher, OidcVerifier
 from broker.verify.x509 import X509SvidVerifier
-
-TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
-TOKEN_TYPE_ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
-TOKEN_TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
 
 __all__ = [
     "TOKEN_TYPE_ACCESS_TOKEN",
