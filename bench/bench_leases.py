@@ -15,7 +15,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 
-from broker.leases import Lease, LeaseTable
+from broker.leases.table import Lease, LeaseTable
 
 T0 = 1_700_000_000.0
 SPREAD = 3_600.0  # expiries spread over an hour

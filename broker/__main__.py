@@ -2,6 +2,6 @@
 
 import sys
 
-from broker.cli_serve import main
+from broker.cli.serve import main
 
 sys.exit(main())

@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from broker._proto import broker_pb2 as pb  # noqa: E402
 from broker._proto import broker_pb2_grpc as pb_grpc  # noqa: E402
-from broker.dev import TRUST_DOMAIN, DevPorts, write_dev_setup  # noqa: E402
+from broker.cli.dev import TRUST_DOMAIN, DevPorts, write_dev_setup  # noqa: E402
 
 AGENT = "planner"  # allowed by the dev policy to read repo:org/app
 AUDIENCE = f"spiffe://{TRUST_DOMAIN}/service/repo"

@@ -1,1 +1,3 @@
-"""The thin gRPC layer: servicers, converters, caller authentication and the status map."""
+"""The thin gRPC and HTTP layer: servicers, converters, caller authentication and the status map.
+
+The only product package (with `broker.app` and `broker.cli`) that imports gRPC or the generated code."""

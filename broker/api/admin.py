@@ -6,11 +6,11 @@ from grpc import aio
 
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
-from broker.admin import Admin
 from broker.api import convert
 from broker.api.auth import Authenticator
 from broker.api.status import rpc
-from broker.errors import InvalidRequest
+from broker.domain.errors import InvalidRequest
+from broker.usecases.operations import Admin
 
 MAX_NOTE = 1024
 

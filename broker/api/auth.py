@@ -12,10 +12,10 @@ from enum import StrEnum
 
 from grpc import aio
 
-from broker.clock import Clock
-from broker.errors import CredentialRejected, PermissionDenied
-from broker.identity import AuthKind, Identity, matches_any
-from broker.ratelimit import RateLimiter
+from broker.domain.clock import Clock
+from broker.domain.errors import CredentialRejected, PermissionDenied
+from broker.domain.identity import AuthKind, Identity, matches_any
+from broker.ops.ratelimit import RateLimiter
 from broker.verify import Verifiers
 
 # A verified chain is remembered briefly so a busy agent does not pay for path building on

@@ -5,13 +5,13 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto import broker_pb2 as pb
-from broker.admin import LeaseFilter
-from broker.approvals import Approval
-from broker.intent import TOKEN_TYPE_ACCESS_TOKEN, Intent, Limits
-from broker.issuance import Issued
-from broker.leases import Lease, LeaseState
-from broker.leasing import Introspection
-from broker.policy import Decision
+from broker.approvals.store import Approval
+from broker.domain.intent import TOKEN_TYPE_ACCESS_TOKEN, Intent, Limits
+from broker.leases.table import Lease, LeaseState
+from broker.policy.engine import Decision
+from broker.usecases.issuance import Issued
+from broker.usecases.lifecycle import Introspection
+from broker.usecases.operations import LeaseFilter
 
 
 def timestamp(seconds: float | None) -> Timestamp | None:

@@ -11,13 +11,13 @@ from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.api import convert
 from broker.api.auth import Authenticator
 from broker.api.status import rpc, rpc_stream
-from broker.clock import Clock
-from broker.errors import InvalidRequest, PermissionDenied
-from broker.exchange import Exchange
-from broker.feed import RevocationFeed
-from broker.intent import Limits
-from broker.leasing import Leasing
-from broker.tokens import TokenMinter
+from broker.domain.clock import Clock
+from broker.domain.errors import InvalidRequest, PermissionDenied
+from broker.domain.intent import Limits
+from broker.leases.feed import RevocationFeed
+from broker.tokens.minter import TokenMinter
+from broker.usecases.exchange import Exchange
+from broker.usecases.lifecycle import Leasing
 
 MAX_ID = 256
 

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
-from prometheus_client import Counter, Histogram
 
-from broker import errors
+from broker.domain import errors
+from broker.ops.metrics import RPC_LATENCY, RPCS
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,6 @@ STATUS: dict[type[errors.BrokerError], grpc.StatusCode] = {
 
 MAX_REASON = 300
 
-RPCS = Counter("broker_rpc", "RPCs answered, by method and status code", ["method", "code"])
-LATENCY = Histogram(
-    "broker_rpc_seconds",
-    "RPC latency by method",
-    ["method"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
-)
 
 
 def status_for(error: errors.BrokerError) -> grpc.StatusCode:
@@ -84,7 +77,7 @@ def rpc(fn: Handler[T]) -> Handler[T]:
     """Wrap a unary servicer method: map domain errors once, hide tracebacks."""
 
     method = fn.__name__
-    latency = LATENCY.labels(method)
+    latency = RPC_LATENCY.labels(method)
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: aio.ServicerContext) -> T:

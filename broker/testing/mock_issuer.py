@@ -26,8 +26,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from broker.errors import InvalidSpiffeId
-from broker.identity import SpiffeId, TrustDomain
+from broker.domain.errors import InvalidSpiffeId
+from broker.domain.identity import SpiffeId, TrustDomain
 from broker.testing.jwt_issuer import JwtSvidIssuer, OidcProvider
 from broker.testing.x509_ca import SpiffeCA, X509Svid
 

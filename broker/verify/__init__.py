@@ -1,13 +1,16 @@
-"""Identity verifiers: X.509-SVIDs, JWT-SVIDs and OIDC ID tokens, behind one facade."""
+"""Identity verifiers: X.509-SVIDs, JWT-SVIDs and OIDC ID tokens, behind one facade.
+
+May import `broker.jose`, `broker.config` and `broker.domain`; no gRPC.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from broker.errors import CredentialRejected, InvalidRequest
-from broker.identity import Identity
-from broker.intent import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT
-from broker.verify.jwt_common import parse_token
+from broker.domain.errors import CredentialRejected, InvalidRequest
+from broker.domain.identity import Identity
+from broker.domain.intent import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT
+from broker.jose.jws import parse_token
 from broker.verify.jwtsvid import JwtSvidVerifier
 from broker.verify.oidc import JwksFetcher, OidcVerifier
 from broker.verify.x509 import X509SvidVerifier

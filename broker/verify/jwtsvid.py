@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from broker.errors import CredentialRejected, InvalidSpiffeId
-from broker.identity import AuthKind, Identity, SpiffeId, TrustDomain
-from broker.verify.jwt_common import KeySet, parse_token, verify_token
+from broker.domain.errors import CredentialRejected, InvalidSpiffeId
+from broker.domain.identity import AuthKind, Identity, SpiffeId, TrustDomain
+from broker.jose.jws import parse_token, verify_token
+from broker.jose.keys import KeySet
 
 
 def _subject(payload: Mapping[str, Any]) -> SpiffeId:

@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from broker.clock import Clock, SystemClock
-from broker.config import check_subject_template
-from broker.errors import ConfigError, CredentialRejected, IssuerUnavailable
-from broker.identity import AuthKind, Identity
-from broker.verify.jwt_common import KeySet, UnverifiedToken, parse_token, verify_token
+from broker.config.settings import check_subject_template
+from broker.domain.clock import Clock, SystemClock
+from broker.domain.errors import ConfigError, CredentialRejected, IssuerUnavailable
+from broker.domain.identity import AuthKind, Identity
+from broker.jose.jws import UnverifiedToken, parse_token, verify_token
+from broker.jose.keys import KeySet
 
 if TYPE_CHECKING:
-    from broker.config import OidcIssuerConfig
+    from broker.config.settings import OidcIssuerConfig
 
 log = logging.getLogger(__name__)
 

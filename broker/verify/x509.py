@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from broker.errors import CredentialRejected, InvalidSpiffeId
-from broker.identity import AuthKind, Identity, SpiffeId, TrustDomain
+from broker.domain.errors import CredentialRejected, InvalidSpiffeId
+from broker.domain.identity import AuthKind, Identity, SpiffeId, TrustDomain
 
 # A peer chain longer than this is refused before any path building (bounds the work an
 # unauthenticated peer can cause); real SVID chains have at most a few intermediates.

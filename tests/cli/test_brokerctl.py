@@ -58,7 +58,7 @@ class Ctl:
 def brokerctl(*args: str, env: dict[str, str] | None = None, argv0: list[str] | None = None
               ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("BROKERCTL_")}
-    command = argv0 if argv0 is not None else [sys.executable, "-m", "broker.cli"]
+    command = argv0 if argv0 is not None else [sys.executable, "-m", "broker.cli.brokerctl"]
     return subprocess.run([*command, *args], cwd=ROOT, env={**clean, **(env or {})},
                           capture_output=True, text=True, timeout=RUN_TIMEOUT)
 

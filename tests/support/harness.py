@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 
 from broker._proto import broker_pb2_grpc as pb_grpc
-from broker.config import load_config
-from broker.server import BrokerApp, build_app
+from broker.app.server import BrokerApp, build_app
+from broker.config.settings import load_config
 from broker.testing.clock import FakeClock
 from broker.testing.mock_issuer import MockIssuer
 from broker.testing.x509_ca import X509Svid

@@ -12,17 +12,18 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.admin import LeaseFilter, _decode_token, _encode_token
-from broker.audit import AuditLog
-from broker.errors import CredentialRejected, InvalidRequest
-from broker.identity import matches_any
-from broker.intent import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT, Intent, cap_ttl
-from broker.leases import Lease
-from broker.policy import PolicyEngine
+from broker.domain.errors import CredentialRejected, InvalidRequest
+from broker.domain.identity import matches_any
+from broker.domain.intent import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT, Intent, cap_ttl
+from broker.jose.keys import SigningKey
+from broker.leases.table import Lease
+from broker.ops.audit import AuditLog
+from broker.policy.engine import PolicyEngine
 from broker.testing.clock import FakeClock
 from broker.testing.jwt_issuer import JwtSvidIssuer
 from broker.testing.x509_ca import SpiffeCA
-from broker.tokens import SigningKey, TokenMinter
+from broker.tokens.minter import TokenMinter
+from broker.usecases.operations import LeaseFilter, _decode_token, _encode_token
 from broker.verify import JwtSvidVerifier, Verifiers, X509SvidVerifier
 
 T0 = 1_750_000_000.0

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from broker.approvals import RETENTION_SECONDS, Approval, ApprovalState, ApprovalStore
-from broker.errors import ApprovalExpired, ApprovalNotFound, ApprovalNotPending, BrokerError
+from broker.approvals.store import RETENTION_SECONDS, Approval, ApprovalState, ApprovalStore
+from broker.domain.errors import ApprovalExpired, ApprovalNotFound, ApprovalNotPending, BrokerError
 
 T0 = 1_000.0
 TTL = 900.0
@@ -288,7 +288,7 @@ def test_failing_subscriber_is_logged_and_the_others_still_run(caplog: pytest.Lo
     seen: list[Approval] = []
     store.subscribe(broken)
     store.subscribe(seen.append)
-    with caplog.at_level(logging.ERROR, logger="broker.approvals"):
+    with caplog.at_level(logging.ERROR, logger="broker.approvals.store"):
         store.create(make_approval())
     assert [a.id for a in seen] == ["apr_1"] and state(store) is ApprovalState.PENDING
     assert any(r.message == "approval subscriber failed" for r in caplog.records)

@@ -17,9 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.audit import AuditLog
-from broker.events import LeaseState
-from broker.leases import (
+from broker.jose.jws import token_hash
+from broker.jose.keys import SigningKey
+from broker.leases.events import LeaseState
+from broker.leases.table import (
     Event,
     Lease,
     LeaseEnded,
@@ -32,8 +33,9 @@ from broker.leases import (
     TaskOpened,
     TaskState,
 )
+from broker.ops.audit import AuditLog
 from broker.testing.clock import FakeClock
-from broker.tokens import SigningKey, TokenMinter, token_hash
+from broker.tokens.minter import TokenMinter
 
 T0 = 1_767_323_045.5  # 2026-01-02T03:04:05.500Z
 TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -274,7 +276,7 @@ def test_close_leaves_stdout_open(clock: FakeClock, capsys: pytest.CaptureFixtur
 def test_a_failing_write_does_not_raise_and_is_logged_once(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     sink = FailingSink()
     log = AuditLog(sink, clock=clock)
-    with caplog.at_level(logging.ERROR, logger="broker.audit"):
+    with caplog.at_level(logging.ERROR, logger="broker.ops.audit"):
         log.record("decision", decision="allow")
         log.record("decision", decision="deny")
     assert [r.getMessage() for r in caplog.records] == ["audit write failed"]
@@ -393,7 +395,7 @@ def test_delegated_lease_record_names_parent_and_actors(audit: AuditLog, sink: i
 def test_an_unknown_event_is_logged_not_raised(
     audit: AuditLog, sink: io.StringIO, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="broker.audit"):
+    with caplog.at_level(logging.ERROR, logger="broker.ops.audit"):
         audit.on_event(object())  # type: ignore[arg-type]
     assert sink.getvalue() == ""
     assert [r.getMessage() for r in caplog.records] == ["audit got an unknown event"]

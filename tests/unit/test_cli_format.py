@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from broker import cli_format as fmt
 from broker._proto import broker_pb2 as pb
+from broker.cli import format as fmt
 
 NOW = 1_700_000_000.0
 

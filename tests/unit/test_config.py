@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from broker.config import (
+from broker.config.settings import (
     AdminConfig,
     ApprovalsConfig,
     AuditConfig,
@@ -20,8 +20,8 @@ from broker.config import (
     load_config,
     parse_duration,
 )
-from broker.errors import ConfigError
-from broker.identity import SpiffeId, TrustDomain
+from broker.domain.errors import ConfigError
+from broker.domain.identity import SpiffeId, TrustDomain
 
 FILES = (
     "certs/broker.pem",

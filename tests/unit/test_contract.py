@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import grpc
 import pytest
 
-from broker import errors
+import broker
 from broker.api.status import STATUS, status_for
+from broker.domain import errors
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,6 +32,46 @@ def test_import_contracts_hold() -> None:
     lint = Path(sys.executable).parent / "lint-imports"
     result = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def _contracts() -> dict[str, dict]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return {c["id"]: c for c in config["tool"]["importlinter"]["contracts"]}
+
+
+def _layer_names(contract: dict) -> list[set[str]]:
+    return [{name.strip() for name in layer.replace(":", "|").split("|")} for layer in contract["layers"]]
+
+
+TOP_LEVEL = {m.name for m in pkgutil.iter_modules(broker.__path__)}
+
+
+def test_the_package_holds_only_sub_packages_and_entry_points() -> None:
+    modules = {m.name for m in pkgutil.iter_modules(broker.__path__) if not m.ispkg}
+    assert modules == {"__main__"}, f"modules directly in broker/: {sorted(modules)}"
+
+
+def test_every_sub_package_has_a_two_part_docstring() -> None:
+    for name in sorted(TOP_LEVEL - {"__main__", "_proto"}):
+        doc = (importlib.import_module(f"broker.{name}").__doc__ or "").strip()
+        assert "\n\n" in doc, f"broker.{name} needs a summary line and a line on what it may import"
+
+
+def test_the_layers_contract_names_every_sub_package() -> None:
+    named = set().union(*_layer_names(_contracts()["layers"]))
+    assert named == TOP_LEVEL
+
+
+def test_everything_below_the_api_layer_is_forbidden_grpc() -> None:
+    layers = _layer_names(_contracts()["layers"])
+    below_api = set().union(*layers[next(i for i, layer in enumerate(layers) if "api" in layer) + 1:])
+    core = {m.removeprefix("broker.") for m in _contracts()["core-no-grpc"]["source_modules"]}
+    assert core == below_api - {"_proto"}
+
+
+def test_every_product_package_is_forbidden_the_testing_kit() -> None:
+    product = {m.removeprefix("broker.") for m in _contracts()["no-testing-kit"]["source_modules"]}
+    assert product == TOP_LEVEL - {"testing"}
 
 
 ERROR_CLASSES = [

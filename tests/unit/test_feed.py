@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from broker.errors import RateLimited
-from broker.feed import RevocationFeed, Subscription
-from broker.leases import Lease, LeaseState, LeaseTable, Reason
+from broker.domain.errors import RateLimited
+from broker.leases.feed import RevocationFeed, Subscription
+from broker.leases.table import Lease, LeaseState, LeaseTable, Reason
 
 T0 = 1_750_000_000.0
 OWNER = "spiffe://example.org/agent/a"
@@ -237,9 +237,9 @@ def test_unsubscribe_twice_is_harmless() -> None:
 
 
 def test_a_watcher_may_hold_only_a_bounded_number_of_streams() -> None:
-    from broker.errors import RateLimited
-    from broker.feed import MAX_STREAMS_PER_WATCHER, RevocationFeed
-    from broker.leases import LeaseTable
+    from broker.domain.errors import RateLimited
+    from broker.leases.feed import MAX_STREAMS_PER_WATCHER, RevocationFeed
+    from broker.leases.table import LeaseTable
 
     async def scenario() -> None:
         feed = RevocationFeed(LeaseTable())

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from broker.errors import InvalidRequest, InvalidSpiffeId
-from broker.identity import MAX_ID_BYTES, SpiffeId, TrustDomain, matches_any
+from broker.domain.errors import InvalidRequest, InvalidSpiffeId
+from broker.domain.identity import MAX_ID_BYTES, SpiffeId, TrustDomain, matches_any
 
 PREFIX = "spiffe://example.org/"
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from broker.errors import InvalidRequest
-from broker.intent import (
+from broker.domain.errors import InvalidRequest
+from broker.domain.intent import (
     MAX_AUDIENCE,
     MAX_RESOURCE,
     MAX_TTL_SECONDS,

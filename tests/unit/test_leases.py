@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from broker.errors import BrokerError, InvalidRequest, LeaseInactive, LeaseNotFound, TaskConflict
-from broker.leases import (
+from broker.domain.errors import BrokerError, InvalidRequest, LeaseInactive, LeaseNotFound, TaskConflict
+from broker.leases.table import (
     BROKER_INITIATOR,
     Event,
     Lease,
@@ -567,7 +567,7 @@ def test_failing_subscriber_does_not_stop_the_table_or_other_subscribers(caplog:
 
     table.subscribe(broken)
     table.subscribe(seen.append)
-    with caplog.at_level(logging.ERROR, logger="broker.leases"):
+    with caplog.at_level(logging.ERROR, logger="broker.leases.table"):
         table.grant(make_lease("a"), now=T0)
     assert table.get("a") is not None and [type(event) for event in seen] == [LeaseGranted]
     assert [(r.message, r.exc_info is not None) for r in caplog.records] == [("lease event subscriber failed", True)]

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from broker.errors import PolicyError
-from broker.policy import Decision, PolicyEngine
+from broker.domain.errors import PolicyError
+from broker.policy.engine import Decision, PolicyEngine
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -562,7 +562,7 @@ def test_sample_policy(case: SampleCase) -> None:
 
 
 def test_an_entity_ref_put_in_by_the_broker_is_an_entity(tmp_path: Path) -> None:
-    from broker.policy import EntityRef
+    from broker.policy.engine import EntityRef
 
     policy = '@id("ci-acts") permit (principal, action == Action::"act", resource) when { context.who in Team::"ci" };'
     engine = write_engine(tmp_path, policy)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broker.errors import RateLimited
-from broker.ratelimit import RateLimiter
+from broker.domain.errors import RateLimited
+from broker.ops.ratelimit import RateLimiter
 
 
 def test_burst_is_allowed_then_refused() -> None:

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from broker.approvals import Approval, ApprovalState, ApprovalStore
-from broker.leases import Lease, LeaseState, LeaseTable, Reason, TaskState
-from broker.reaper import HOUSEKEEPING_SECONDS, Reaper
+from broker.approvals.store import Approval, ApprovalState, ApprovalStore
+from broker.jose.keys import SigningKey
+from broker.leases.table import Lease, LeaseState, LeaseTable, Reason, TaskState
 from broker.testing.clock import FakeClock
-from broker.tokens import SigningKey, TokenMinter
+from broker.tokens.minter import TokenMinter
+from broker.usecases.reaper import HOUSEKEEPING_SECONDS, Reaper
 
 T0 = 1_750_000_000.0
 OWNER = "spiffe://example.org/agent/a"

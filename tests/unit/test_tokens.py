@@ -17,9 +17,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm
 
-from broker.errors import CredentialRejected
+from broker.domain.errors import CredentialRejected
+from broker.jose.jws import MAX_TOKEN_BYTES
+from broker.jose.keys import SigningKey, jwk_thumbprint
 from broker.testing.clock import FakeClock
-from broker.tokens import MAX_TOKEN_BYTES, SigningKey, TokenMinter, jwk_thumbprint
+from broker.tokens.minter import TokenMinter
 
 ISSUER = "spiffe://broker.example/broker"
 T0 = 1_800_000_000.0
@@ -249,9 +251,9 @@ REFUSALS = [
     Refusal(
         "alg-none",
         lambda c: unsigned({"alg": "none", "typ": "at+jwt", "kid": c.key.kid}, claims()),
-        "alg must be ES256",
+        "alg none is not allowed",
     ),
-    Refusal("hs256-with-public-key", _hs256_with_public_key, "alg must be ES256"),
+    Refusal("hs256-with-public-key", _hs256_with_public_key, "alg HS256 is not allowed"),
     Refusal(
         "eddsa-signed-with-es256-kid",
         lambda c: forge(SigningKey.generate("EdDSA"), claims(), kid=c.key.kid),
@@ -276,12 +278,12 @@ REFUSALS = [
     Refusal(
         "exp-overflows-to-infinity",
         lambda c: forge(c.key, json.dumps(claims(exp=0)).replace('"exp": 0', '"exp": 1e400').encode()),
-        "exp must be a number",
+        "exp is out of range",
     ),
     Refusal(
         "exp-nan",
         lambda c: forge(c.key, json.dumps(claims(exp=0)).replace('"exp": 0', '"exp": NaN').encode()),
-        "claims set is not JSON",
+        "malformed token (payload is not valid json)",
     ),
     Refusal("nbf-string", lambda c: c.minter.mint(claims(nbf=str(int(T0)))), "nbf must be a number"),
     Refusal("no-iat", lambda c: c.minter.mint(claims(iat=None)), "iat is required"),
@@ -290,19 +292,25 @@ REFUSALS = [
     Refusal("empty-sub", lambda c: c.minter.mint(claims(sub="")), "sub must be a non-empty string"),
     Refusal("no-aud", lambda c: c.minter.mint(claims(aud=None)), "aud is required"),
     Refusal("aud-number", lambda c: c.minter.mint(claims(aud=7)), "aud must be a string or a list of strings"),
-    Refusal("claims-not-object", lambda c: forge(c.key, b"[1, 2]"), "claims set is not a JSON object"),
+    Refusal("claims-not-object", lambda c: forge(c.key, b"[1, 2]"), "malformed token (payload is not a json object)"),
     Refusal(
-        "oversized", lambda c: c.minter.mint(claims(pad="x" * MAX_TOKEN_BYTES)), f"larger than {MAX_TOKEN_BYTES} bytes"
+        "oversized", lambda c: c.minter.mint(claims(pad="x" * MAX_TOKEN_BYTES)), f"token larger than {MAX_TOKEN_BYTES} bytes"
     ),
-    Refusal("garbage", lambda c: "not a token", "malformed"),
-    Refusal("empty", lambda c: "", "malformed"),
-    Refusal("two-segments", lambda c: c.minter.mint(claims()).rsplit(".", 1)[0], "malformed"),
-    Refusal("four-segments", lambda c: c.minter.mint(claims()) + ".AAAA", "malformed"),
-    Refusal("non-ascii", lambda c: c.minter.mint(claims()) + "é", "malformed"),
+    Refusal("garbage", lambda c: "not a token", "malformed token (expected three dot-separated parts)"),
+    Refusal("empty", lambda c: "", "token is empty"),
+    Refusal("two-segments", lambda c: c.minter.mint(claims()).rsplit(".", 1)[0], "malformed token (expected three dot-separated parts)"),
+    Refusal("four-segments", lambda c: c.minter.mint(claims()) + ".AAAA", "malformed token (expected three dot-separated parts)"),
+    Refusal("non-ascii", lambda c: c.minter.mint(claims()) + "é", "malformed token (bad base64url)"),
     Refusal(
-        "header-not-json", lambda c: "bm90IGpzb24." + c.minter.mint(claims()).split(".", 1)[1], "header is not JSON"
+        "header-not-json", lambda c: "bm90IGpzb24." + c.minter.mint(claims()).split(".", 1)[1], "malformed token (header is not valid json)"
     ),
-    Refusal("non-canonical-base64", _non_canonical_signature, "malformed"),
+    Refusal("non-canonical-base64", _non_canonical_signature, "malformed token (bad base64url)"),
+    # One JWS layer for incoming and own tokens: a duplicate member is a second reading of the claims.
+    Refusal(
+        "duplicate-member",
+        lambda c: forge(c.key, json.dumps(claims())[:-1].encode() + b', "sub": "spiffe://example.org/admin"}'),
+        "malformed token (payload is not valid json)",
+    ),
 ]
 
 
@@ -335,7 +343,7 @@ def test_token_expires_at_exp(minter: TokenMinter) -> None:
     clock = FakeClock(start=T0)
     token = minter.mint(claims(clock.now(), exp=int(T0) + 60))
     assert minter.verify(token, now=clock.advance(59))["jti"] == "lease-1"
-    with pytest.raises(CredentialRejected, match="broker token: expired"):
+    with pytest.raises(CredentialRejected, match="broker token: token expired"):
         minter.verify(token, now=clock.advance(1))
 
 
@@ -350,7 +358,7 @@ def test_leeway_extends_past_exp(minter: TokenMinter) -> None:
 
 def test_future_nbf_is_not_yet_valid(minter: TokenMinter) -> None:
     token = minter.mint(claims(nbf=int(T0) + 120))
-    with pytest.raises(CredentialRejected, match="broker token: not yet valid"):
+    with pytest.raises(CredentialRejected, match="broker token: token not yet valid"):
         minter.verify(token, now=T0)
 
 

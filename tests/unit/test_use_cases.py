@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from broker.approvals import ApprovalStore
-from broker.audit import AuditLog
-from broker.errors import (
+from broker.approvals.store import ApprovalStore
+from broker.domain.errors import (
     ApprovalDenied,
     BrokerError,
     CredentialRejected,
@@ -31,17 +30,20 @@ from broker.errors import (
     RateLimited,
     TaskConflict,
 )
-from broker.exchange import Exchange
-from broker.identity import AuthKind, Identity
-from broker.intent import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT, Intent
-from broker.issuance import ISSUED, PENDING_APPROVAL, Issued, Issuer, Settings
-from broker.leases import Lease, LeaseState, LeaseTable, Reason
-from broker.leasing import Leasing
-from broker.policy import PolicyEngine
+from broker.domain.identity import AuthKind, Identity
+from broker.domain.intent import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT, Intent
+from broker.jose.jws import token_hash
+from broker.jose.keys import SigningKey
+from broker.leases.table import Lease, LeaseState, LeaseTable, Reason
+from broker.ops.audit import AuditLog
+from broker.policy.engine import PolicyEngine
 from broker.testing.clock import FakeClock
 from broker.testing.jwt_issuer import JwtSvidIssuer
 from broker.testing.x509_ca import SpiffeCA
-from broker.tokens import SigningKey, TokenMinter, token_hash
+from broker.tokens.minter import TokenMinter
+from broker.usecases.exchange import Exchange
+from broker.usecases.issuance import ISSUED, PENDING_APPROVAL, Issued, Issuer, Settings
+from broker.usecases.lifecycle import Leasing
 from broker.verify import JwtSvidVerifier, Verifiers, X509SvidVerifier
 
 T0 = 1_750_000_000

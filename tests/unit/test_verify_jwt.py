@@ -1,4 +1,4 @@
-"""JWT-SVID verification and the rules every incoming JWT obeys (broker.verify.jwt_common)."""
+"""JWT-SVID verification and the rules every incoming JWT obeys (broker.jose.jws)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from broker.errors import CredentialRejected
-from broker.identity import AuthKind
+from broker.domain.errors import CredentialRejected
+from broker.domain.identity import AuthKind
+from broker.jose.jws import MAX_TOKEN_BYTES, parse_token
+from broker.jose.keys import KeySet
 from broker.testing.clock import FakeClock
 from broker.testing.jwt_issuer import ALGORITHMS, JwtSvidIssuer, public_jwk
-from broker.verify.jwt_common import MAX_TOKEN_BYTES, KeySet, parse_token
 from broker.verify.jwtsvid import JwtSvidVerifier
 
 NOW = 1_800_000_000.0

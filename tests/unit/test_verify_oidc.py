@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import OidcIssuerConfig
-from broker.errors import ConfigError, CredentialRejected, InvalidRequest, IssuerUnavailable
-from broker.identity import AuthKind
+from broker.config.settings import OidcIssuerConfig
+from broker.domain.errors import ConfigError, CredentialRejected, InvalidRequest, IssuerUnavailable
+from broker.domain.identity import AuthKind
+from broker.jose.jws import MAX_TOKEN_BYTES
 from broker.testing.clock import FakeClock
 from broker.testing.jwt_issuer import JwtSvidIssuer, OidcProvider
 from broker.testing.x509_ca import SpiffeCA
@@ -29,7 +30,6 @@ from broker.verify import (
     Verifiers,
     X509SvidVerifier,
 )
-from broker.verify.jwt_common import MAX_TOKEN_BYTES
 
 NOW = 1_800_000_000.0
 AUD = "spiffe://example.org/broker"

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from broker.errors import CredentialRejected
-from broker.identity import AuthKind
+from broker.domain.errors import CredentialRejected
+from broker.domain.identity import AuthKind
 from broker.testing.x509_ca import SpiffeCA, X509Svid
 from broker.verify.x509 import X509SvidVerifier, load_bundle
 

@@ -1,0 +1,302 @@
+"""The composition root: the one place the broker's objects are built and wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc as pb_grpc
+from broker.api.admin import BrokerAdminServicer
+from broker.api.auth import Authenticator, Listener
+from broker.api.http import HttpListener
+from broker.api.servicers import CredentialBrokerServicer
+from broker.approvals.store import ApprovalStore
+from broker.config.settings import Config
+from broker.domain.clock import Clock, SystemClock
+from broker.domain.errors import ConfigError
+from broker.domain.intent import Limits
+from broker.jose.keys import SigningKey
+from broker.leases.feed import RevocationFeed
+from broker.leases.table import LeaseTable
+from broker.ops.audit import AuditLog
+from broker.ops.ratelimit import RateLimiter
+from broker.policy.engine import PolicyEngine
+from broker.tokens.minter import TokenMinter
+from broker.usecases.exchange import Exchange
+from broker.usecases.issuance import Issuer, Settings
+from broker.usecases.lifecycle import Leasing
+from broker.usecases.operations import Admin
+from broker.usecases.reaper import Reaper
+from broker.verify import JwksFetcher, JwtSvidVerifier, OidcVerifier, Verifiers, X509SvidVerifier
+from broker.verify.x509 import load_bundle
+
+log = logging.getLogger(__name__)
+
+# Requests are small; anything larger is refused by gRPC itself with RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 64 * 1024
+# A 16 KiB bearer token must reach our own size check rather than gRPC's default 8 KiB limit.
+MAX_METADATA_BYTES = 32 * 1024
+# Ended leases stay visible (Introspect "inactive", Renew FAILED_PRECONDITION, ListLeases --all)
+# this long after their last token's exp, then are forgotten: memory stays bounded under churn.
+TOMBSTONE_GRACE_SECONDS = 300.0
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["CredentialBroker"].full_name,
+    pb.DESCRIPTOR.services_by_name["BrokerAdmin"].full_name,
+    health.SERVICE_NAME,
+    reflection.SERVICE_NAME,
+)
+
+
+def _read(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from e
+
+
+def build_verifiers(config: Config, clock: Clock) -> Verifiers:
+    """Raises: ConfigError when a bundle or JWKS file cannot be loaded."""
+    bundles = {}
+    jwt_bundles = {}
+    for i, td in enumerate(config.trust_domains):
+        try:
+            bundles[td.name.name] = load_bundle(td.bundle)
+            if td.jwt_bundle is not None:
+                jwt_bundles[td.name.name] = json.loads(td.jwt_bundle.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"trust_domains[{i}]", str(e)) from e
+    skew = config.tokens.clock_skew
+    fetcher = JwksFetcher(clock=clock)
+    audience = str(config.server.spiffe_id)
+    return Verifiers(
+        x509=X509SvidVerifier(bundles, clock_skew=skew),
+        jwt_svid=JwtSvidVerifier(jwt_bundles, audience=audience, clock_skew=skew) if jwt_bundles else None,
+        oidc=[OidcVerifier(issuer, clock_skew=skew, fetcher=fetcher) for issuer in config.oidc_issuers],
+    )
+
+
+def build_signing_key(config: Config) -> SigningKey:
+    """Raises: ConfigError when the configured key cannot be used."""
+    tokens = config.tokens
+    if tokens.signing_key is None:
+        return SigningKey.generate(tokens.algorithm)
+    try:
+        return SigningKey.load(tokens.signing_key, tokens.algorithm)
+    except (OSError, ValueError) as e:
+        raise ConfigError("tokens.signing_key", str(e)) from e
+
+
+@dataclass
+class BrokerApp:
+    """A built broker: its core objects, its servers, and the tasks it runs."""
+
+    config: Config
+    clock: Clock
+    leases: LeaseTable
+    approvals: ApprovalStore
+    minter: TokenMinter
+    policy: PolicyEngine
+    audit: AuditLog
+    exchange: Exchange
+    leasing: Leasing
+    admin: Admin
+    feed: RevocationFeed
+    reaper: Reaper
+    verifiers: Verifiers
+    limiter: RateLimiter
+    servers: dict[Listener, aio.Server] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    http: HttpListener | None = None
+    health: health.aio.HealthServicer | None = None
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def start(self) -> None:
+        """Bind every listener and start serving; `ports` then holds the bound ports."""
+        cfg = self.config.server
+        cert_chain = _read(cfg.cert, "server.cert")
+        key = _read(cfg.key, "server.key")
+        roots = b"".join(
+            _read(td.bundle, f"trust_domains[{i}].bundle") for i, td in enumerate(self.config.trust_domains)
+        )
+        self.health = health.aio.HealthServicer()
+        mtls = grpc.ssl_server_credentials([(key, cert_chain)], root_certificates=roots, require_client_auth=True)
+        self.ports["mtls"] = await self._serve(Listener.MTLS, cfg.listen, mtls)
+        if cfg.token_listen:
+            tls = grpc.ssl_server_credentials([(key, cert_chain)], require_client_auth=False)
+            self.ports["token"] = await self._serve(Listener.TOKEN, cfg.token_listen, tls)
+        if cfg.http_listen:
+            self.http = HttpListener(cfg.http_listen, minter=self.minter, leases=self.leases, issuer=str(cfg.spiffe_id))
+            try:
+                self.ports["http"] = self.http.start()
+            except OSError as e:
+                raise ConfigError("server.http_listen", f"cannot listen on {cfg.http_listen}: {e.strerror}") from e
+        for name in (*SERVICE_NAMES[:2], ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
+        log.info("broker serving", extra={"ports": dict(self.ports), "issuer": str(cfg.spiffe_id)})
+
+    async def _serve(self, listener: Listener, address: str, creds: grpc.ServerCredentials) -> int:
+        server = aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        auth = Authenticator(
+            self.verifiers,
+            self.clock,
+            listener=listener,
+            admin_ids=self.config.admin.spiffe_ids,
+            limiter=self.limiter,
+        )
+        pb_grpc.add_CredentialBrokerServicer_to_server(
+            CredentialBrokerServicer(
+                auth=auth,
+                exchange=self.exchange,
+                leasing=self.leasing,
+                minter=self.minter,
+                feed=self.feed,
+                clock=self.clock,
+                limits=_limits(self.config),
+            ),
+            server,
+        )
+        pb_grpc.add_BrokerAdminServicer_to_server(BrokerAdminServicer(auth=auth, admin=self.admin), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(SERVICE_NAMES, server)
+        key = f"server.{'listen' if listener is Listener.MTLS else 'token_listen'}"
+        try:
+            port = server.add_secure_port(address, creds)
+        except (RuntimeError, OSError) as e:  # this grpcio raises where older ones returned 0
+            raise ConfigError(key, f"cannot listen on {address} (in use, or not a local address)") from e
+        if port == 0:
+            raise ConfigError(key, f"cannot listen on {address}")
+        await server.start()
+        self.servers[listener] = server
+        return port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting calls, let running ones finish for `grace` seconds, stop the loops."""
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.gather(*(server.stop(grace) for server in self.servers.values()))
+        if self.http is not None:
+            self.http.stop()
+        self.audit.close()
+        log.info("broker stopped")
+
+    def reload_policy(self) -> None:
+        """SIGHUP: reload the policy; a bad file is logged and audited, and the old policy stays."""
+        try:
+            version = self.policy.reload()
+        except Exception as e:
+            log.error("policy reload refused", extra={"reason": str(e)[:300]})
+            self.audit.record("policy.reload_failed", operator="signal:SIGHUP", reason=str(e)[:300])
+            return
+        log.info("policy reloaded", extra={"policy_version": version})
+        self.audit.record("policy.reloaded", operator="signal:SIGHUP", policy_version=version)
+
+
+def _limits(config: Config) -> Limits:
+    lim = config.limits
+    return Limits(
+        max_actions=lim.max_actions,
+        max_context_entries=lim.max_context_entries,
+        max_context_bytes=lim.max_context_bytes,
+    )
+
+
+def build_app(config: Config, *, clock: Clock | None = None) -> BrokerApp:
+    """Build every object of a broker from `config`; nothing listens until `start()`.
+
+    Raises:
+        ConfigError: a file named by the config cannot be used.
+        PolicyError: the policy file does not parse.
+    """
+    # What reads a file is built here, before anything is wired: a bad config fails early.
+    clock = clock or SystemClock()
+    minter = TokenMinter(str(config.server.spiffe_id), build_signing_key(config))
+    policy = PolicyEngine.from_files(config.policy.file, config.policy.entities)
+    audit = _open_audit(config, clock)
+    verifiers = build_verifiers(config, clock)
+    return _wire(config, clock, minter=minter, policy=policy, audit=audit, verifiers=verifiers)
+
+
+def _open_audit(config: Config, clock: Clock) -> AuditLog:
+    """Raises: ConfigError when the audit log cannot be opened."""
+    try:
+        return AuditLog.open(config.audit.path, clock=clock)
+    except OSError as e:
+        raise ConfigError("audit.path", f"cannot open {config.audit.path}: {e.strerror}") from e
+
+
+def _settings(config: Config) -> Settings:
+    tokens = config.tokens
+    return Settings(
+        issuer=str(config.server.spiffe_id),
+        default_ttl=tokens.default_ttl,
+        max_ttl=tokens.max_ttl,
+        max_task_lifetime=tokens.max_task_lifetime,
+        max_delegation_depth=tokens.max_delegation_depth,
+        approval_ttl=config.approvals.ttl,
+        introspectors=config.admin.introspectors,
+        limits=_limits(config),
+    )
+
+
+def _wire(
+    config: Config, clock: Clock, *, minter: TokenMinter, policy: PolicyEngine, audit: AuditLog, verifiers: Verifiers
+) -> BrokerApp:
+    """The lease table, the use cases and the loops around the built parts, as a `BrokerApp`."""
+    # Construction order is subscription order: lease events reach audit, feed, reaper.
+    leases = LeaseTable(tombstone_grace=TOMBSTONE_GRACE_SECONDS)
+    leases.subscribe(audit.on_event)
+    approvals = ApprovalStore()
+    settings = _settings(config)
+    issuer = Issuer(leases=leases, minter=minter, audit=audit, clock=clock, settings=settings)
+    exchange = Exchange(
+        verifiers=verifiers,
+        policy=policy,
+        leases=leases,
+        minter=minter,
+        approvals=approvals,
+        issuer=issuer,
+        audit=audit,
+        clock=clock,
+        settings=settings,
+    )
+    leasing = Leasing(
+        policy=policy, leases=leases, minter=minter, issuer=issuer, audit=audit, clock=clock, settings=settings
+    )
+    admin = Admin(leases=leases, policy=policy, approvals=approvals, minter=minter, audit=audit, clock=clock)
+    return BrokerApp(
+        config=config,
+        clock=clock,
+        leases=leases,
+        approvals=approvals,
+        minter=minter,
+        policy=policy,
+        audit=audit,
+        exchange=exchange,
+        leasing=leasing,
+        admin=admin,
+        feed=RevocationFeed(leases, buffer=config.limits.watch_buffer),
+        reaper=Reaper(leases=leases, approvals=approvals, minter=minter, clock=clock),
+        verifiers=verifiers,
+        limiter=RateLimiter(rate=config.limits.rate_per_second, burst=config.limits.rate_burst),
+    )

@@ -1,0 +1,4 @@
+"""Loading and validating `broker.toml` into frozen settings.
+
+May import `broker.domain` only.
+"""

@@ -1,0 +1,199 @@
+"""The audit trail: one JSON object per line for every decision and every lease or task change.
+
+Records never hold a token or a key. Field names that could carry one are refused outright,
+and any value that still looks like a JWT (three base64url segments, header first) is replaced
+by its hash, so a token pasted into a free-text field (a note, a reason) is not written either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from broker.domain.clock import Clock
+from broker.jose.jws import token_hash
+from broker.leases.events import Event, LeaseEnded, LeaseGranted, LeaseRenewed, LeaseState, TaskClosed, TaskOpened
+
+log = logging.getLogger(__name__)
+
+FORBIDDEN_FIELDS = frozenset({"token", "access_token", "subject_token", "key", "private_key"})
+_FORBIDDEN_SUFFIXES = ("_token", "_key", "secret", "password")
+_RESERVED_FIELDS = frozenset({"ts", "kind"})
+# A compact JWS/JWE: its header is a JSON object, so the first segment starts with "eyJ" ('{"').
+# No lookbehind: a JWT glued to a word ("aud-eyJ...") must be caught too; a false positive
+# only hashes a harmless string.
+_JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){2,}")
+_FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+
+
+def rfc3339(t: float) -> str:
+    """POSIX seconds as RFC 3339 UTC with milliseconds, e.g. "2026-01-02T03:04:05.678Z"."""
+    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _check_name(name: str) -> None:
+    if _is_forbidden(name):
+        raise ValueError(f"audit field {name!r} could carry a secret: record token_hash(...) instead")
+    if name in _RESERVED_FIELDS:
+        raise ValueError(f"audit field {name!r} is reserved")
+
+
+def _is_forbidden(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in FORBIDDEN_FIELDS or lowered.endswith(_FORBIDDEN_SUFFIXES)
+
+
+def _scrub(value: Any) -> Any:
+    """Replace JWT-looking strings anywhere in `value` by their hash, PEM keys by a marker.
+
+    Nested maps come from callers' input (a request's context), so a secret-looking key
+    inside one is redacted rather than refused: the request still gets its audit record.
+    """
+    if isinstance(value, str):
+        if "PRIVATE KEY" in value:
+            return "[redacted]"
+        return _JWT_LIKE.sub(lambda m: token_hash(m.group(0)), value) if "eyJ" in value else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # NaN and inf are not JSON
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): "[redacted]" if _is_forbidden(str(k)) else _scrub(v) for k, v in value.items()}
+    if isinstance(value, set | frozenset):
+        return [_scrub(v) for v in sorted(value, key=str)]
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return _scrub(str(value))
+
+
+def _field_value(name: str, value: Any) -> Any:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if is_number and (name.endswith("_at") or name == "deadline"):
+        try:
+            return rfc3339(value)
+        except (ValueError, OverflowError, OSError):
+            pass  # out of datetime's range: keep the number
+    return _scrub(value)
+
+
+class AuditLog:
+    """Writes audit records as JSON lines to a text sink, flushed per record.
+
+    Writing never raises into the caller: a failed write is logged once (and again only after
+    a write has succeeded in between) and counted in `failed_writes`.
+    """
+
+    def __init__(self, sink: TextIO, *, clock: Clock, owns_sink: bool = False) -> None:
+        self._sink = sink
+        self._clock = clock
+        self._owns_sink = owns_sink
+        self._lock = threading.Lock()
+        self._failing = False
+        self.failed_writes = 0
+
+    @classmethod
+    def open(cls, path: str, *, clock: Clock) -> AuditLog:
+        """Open the audit log: "-" is stdout; any other path is appended to, created with mode 0600.
+
+        Raises:
+            OSError: the file cannot be opened (missing folder, no permission, a directory).
+        """
+        if path == "-":
+            return cls(sys.stdout, clock=clock)
+        fd = os.open(path, _FILE_FLAGS, 0o600)
+        try:
+            sink = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(sink, clock=clock, owns_sink=True)
+
+    def record(self, kind: str, /, **fields: Any) -> None:
+        """Write {"ts", "kind", **fields}; None values are dropped, `*_at` times become RFC 3339.
+
+        Raises:
+            ValueError: a field name that could carry a token or key, or a reserved name.
+        """
+        self._write(self._clock.now(), kind, fields)
+
+    def on_event(self, event: Event) -> None:
+        """LeaseTable subscriber: one record per event, stamped with the event's own time."""
+        record = _event_record(event)
+        if record is None:
+            # never raise into the table's publish loop: the other subscribers still run
+            log.error("audit got an unknown event", extra={"event_type": type(event).__name__})
+            return
+        self._write(event.at, *record)
+
+    def close(self) -> None:
+        """Close the sink if this log opened it (stdout stays open)."""
+        with self._lock:
+            if self._owns_sink and not self._sink.closed:
+                self._sink.close()
+
+    def _write(self, ts: float, kind: str, fields: Mapping[str, Any]) -> None:
+        record: dict[str, Any] = {"ts": rfc3339(ts), "kind": kind}
+        for name, value in fields.items():
+            _check_name(name)
+            if value is not None:
+                record[name] = _field_value(name, value)
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with self._lock:
+            try:
+                self._sink.write(line)
+                self._sink.flush()
+            except (OSError, ValueError) as e:  # ValueError: the sink was closed under us
+                self.failed_writes += 1
+                if not self._failing:
+                    self._failing = True
+                    log.error("audit write failed", extra={"kind": kind, "error": str(e)})
+                return
+            if self._failing:
+                self._failing = False
+                log.warning("audit writes recovered", extra={"failed_writes": self.failed_writes})
+
+
+def _lease_fields(event: LeaseGranted | LeaseEnded) -> dict[str, Any]:
+    lease = event.lease
+    return {
+        "lease_id": lease.id,
+        "task_id": lease.task_id,
+        "subject": lease.subject,
+        "client_id": lease.client_id,
+        "audience": lease.audience,
+        "scope": list(lease.scope),
+        "resource": lease.resource,
+        "parent_id": lease.parent_id,
+        "actor_chain": list(lease.actor_chain) or None,
+        "depth": lease.depth or None,
+        "expires_at": lease.expires_at,
+    }
+
+
+def _event_record(event: Event) -> tuple[str, dict[str, Any]] | None:
+    match event:
+        case LeaseGranted():
+            return "lease.granted", {**_lease_fields(event), "issued_at": event.lease.issued_at}
+        case LeaseRenewed(lease_id=lease_id, expires_at=expires_at, token_exp=token_exp):
+            return "lease.renewed", {"lease_id": lease_id, "expires_at": expires_at, "token_exp": rfc3339(token_exp)}
+        case LeaseEnded(lease=lease):
+            kind = "lease.expired" if lease.state is LeaseState.EXPIRED else "lease.revoked"
+            return kind, {**_lease_fields(event), "reason": lease.reason, "initiator": lease.initiator}
+        case TaskOpened(task=task):
+            return "task.opened", {"task_id": task.id, "owner": task.owner, "deadline": task.deadline}
+        case TaskClosed(task=task):
+            return "task.closed", {
+                "task_id": task.id,
+                "owner": task.owner,
+                "state": task.state,
+                "reason": task.reason,
+            }
+    return None

@@ -1,0 +1,13 @@
+"""The broker's Prometheus metrics: defined once here, updated by the layers that observe them."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+RPCS = Counter("broker_rpc", "RPCs answered, by method and status code", ["method", "code"])
+RPC_LATENCY = Histogram(
+    "broker_rpc_seconds",
+    "RPC latency by method",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)

@@ -1,0 +1,189 @@
+"""Issuing a decided request: the TTL rule, the lease grant and the token, in one atomic step."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.domain.clock import Clock
+from broker.domain.errors import LeaseInactive
+from broker.domain.identity import Identity
+from broker.domain.intent import Intent, Lifetime, Limits, cap_ttl
+from broker.jose.jws import token_hash
+from broker.leases.table import Lease, LeaseTable
+from broker.ops.audit import AuditLog
+from broker.policy.engine import Decision
+from broker.tokens.minter import TokenMinter
+
+ISSUED = "ISSUED"
+PENDING_APPROVAL = "PENDING_APPROVAL"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The `[tokens]`, `[approvals]` and `[limits]` settings the use cases need."""
+
+    issuer: str
+    default_ttl: float = 300
+    max_ttl: float = 3600
+    max_task_lifetime: float = 8 * 3600
+    max_delegation_depth: int = 3
+    approval_ttl: float = 900
+    # A caller waiting on more approvals than this is told to wait for a decision first.
+    max_pending_approvals: int = 16
+    # Tasks one principal may own at once (open, or closed but remembered until their deadline).
+    max_tasks_per_principal: int = 1000
+    introspectors: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """The answer to Exchange, Renew and AwaitApproval."""
+
+    state: str
+    task_id: str
+    access_token: str = ""
+    lease: Lease | None = None
+    ttl_capped_by: str = ""
+    approval_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything decided about a request, ready to issue (now, or after approval)."""
+
+    intent: Intent
+    subject: str
+    caller: Identity
+    decision: Decision
+    context: Mapping[str, Any]
+    parent: Lease | None = None
+    actor_chain: tuple[str, ...] = ()
+    not_after: float | None = None
+    not_after_name: str = "subject_token"
+
+
+def actor_claim(chain: tuple[str, ...]) -> dict[str, Any] | None:
+    """RFC 8693 `act`: the current actor outermost, earlier actors nested inside."""
+    claim: dict[str, Any] | None = None
+    for actor in reversed(chain):
+        claim = {"sub": actor} if claim is None else {"sub": actor, "act": claim}
+    return claim
+
+
+UNDECIDED = Decision(allowed=False, policies=(), max_ttl=None, approval_required=False, errors=(), reason="")
+
+
+class Issuer:
+    """Grants leases and mints their tokens under the TTL rule."""
+
+    def __init__(
+        self, *, leases: LeaseTable, minter: TokenMinter, audit: AuditLog, clock: Clock, settings: Settings
+    ) -> None:
+        self._leases = leases
+        self._minter = minter
+        self._audit = audit
+        self._clock = clock
+        self._settings = settings
+
+    def lifetime(self, plan: Plan, now: float, *, deadline: float, caller: Identity) -> Lifetime:
+        """The TTL rule: the smallest cap wins, and the answer names it.
+
+        Raises:
+            LeaseInactive: no whole second of lifetime is left under some cap.
+        """
+        s = self._settings
+        asked = plan.intent.ttl_seconds
+        first = ("requested", float(asked)) if asked else ("default", float(s.default_ttl))
+        caps: list[tuple[str, float | None]] = [
+            ("max_ttl", float(s.max_ttl)),
+            ("policy", float(plan.decision.max_ttl) if plan.decision.max_ttl else None),
+            ("task_deadline", deadline - now),
+            ("parent_lease", plan.parent.expires_at - now if plan.parent else None),
+            (plan.not_after_name, plan.not_after - now if plan.not_after is not None else None),
+            ("caller_credential", caller.expires_at - now),
+        ]
+        lifetime = cap_ttl(now, first, caps)
+        if lifetime.expires_at - now < 1:
+            raise LeaseInactive(f"no lifetime left under the {lifetime.capped_by} cap")
+        return lifetime
+
+    def issue(self, plan: Plan) -> Issued:
+        """Open the task if new, grant the lease, mint its token.
+
+        Raises:
+            LeaseInactive: no lifetime left, or the parent lease died meanwhile.
+            TaskConflict: the task was closed or taken meanwhile.
+        """
+        # No await from here on: the checks and the grant are one atomic step on the event loop.
+        now = self._clock.now()
+        intent = plan.intent
+        task = self._leases.get_task(intent.task_id)
+        deadline = task.deadline if task is not None else now + self._settings.max_task_lifetime
+        lifetime = self.lifetime(plan, now, deadline=deadline, caller=plan.caller)
+        if plan.parent is None:
+            self._leases.open_task(intent.task_id, plan.subject, now=now, deadline=deadline)
+        lease = self._leases.grant(
+            Lease(
+                id="lse_" + secrets.token_urlsafe(18),
+                task_id=intent.task_id,
+                subject=plan.subject,
+                client_id=plan.caller.principal,
+                audience=intent.audience,
+                scope=intent.actions,
+                resource=intent.resource,
+                issued_at=now,
+                expires_at=lifetime.expires_at,
+                token_exp=lifetime.expires_at,
+                parent_id=plan.parent.id if plan.parent else None,
+                actor_chain=plan.actor_chain,
+                depth=len(plan.actor_chain),
+                cnf_x5t=plan.caller.x5t_s256,
+                context=plan.context,
+                # Only a presented subject token caps renewals: a caller who is its own subject
+                # re-proves itself on each Renew and is capped by that credential then.
+                not_after=plan.not_after if plan.intent.subject_token else None,
+            ),
+            now=now,
+        )
+        return self.deliver(lease, now=now, cnf=plan.caller.x5t_s256, capped_by=lifetime.capped_by)
+
+    def deliver(self, lease: Lease, *, now: float, cnf: str | None, capped_by: str, renewal: bool = False) -> Issued:
+        """Mint the token for a granted or renewed lease, and audit it by hash."""
+        token = self.mint(lease, now=now, cnf=cnf)
+        self._audit.record(
+            "token.issued",
+            lease_id=lease.id,
+            task_id=lease.task_id,
+            token_sha256=token_hash(token),
+            expires_at=lease.expires_at,
+            ttl_capped_by=capped_by,
+            renewal=renewal or None,
+        )
+        return Issued(state=ISSUED, task_id=lease.task_id, access_token=token, lease=lease, ttl_capped_by=capped_by)
+
+    def mint(self, lease: Lease, *, now: float, cnf: str | None) -> str:
+        """The RFC 9068 access token for `lease`; `cnf` binds it to the caller's certificate."""
+        iat = int(now)
+        claims: dict[str, Any] = {
+            "iss": self._settings.issuer,
+            "sub": lease.subject,
+            "aud": lease.audience,
+            "exp": int(lease.expires_at),
+            "iat": iat,
+            "nbf": iat,
+            "jti": lease.id,
+            "client_id": lease.client_id,
+            "scope": " ".join(lease.scope),
+            "resource": lease.resource,
+            "txn": lease.task_id,
+        }
+        act = actor_claim(lease.actor_chain)
+        if act is not None:
+            claims["act"] = act
+        if cnf:
+            claims["cnf"] = {"x5t#S256": cnf}
+        return self._minter.mint(claims)

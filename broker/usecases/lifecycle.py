@@ -1,0 +1,187 @@
+"""What agents and resource servers do with a lease after it is issued: renew, complete, introspect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from broker.domain.clock import Clock
+from broker.domain.errors import CredentialRejected, LeaseInactive, LeaseNotFound, PermissionDenied, PolicyDenied
+from broker.domain.identity import Identity, matches_any
+from broker.domain.intent import Intent, check_task_id
+from broker.leases.table import Lease, LeaseState, LeaseTable, Reason
+from broker.ops.audit import AuditLog
+from broker.policy.engine import Decision, PolicyEngine
+from broker.tokens.minter import TokenMinter
+from broker.usecases.issuance import Issued, Issuer, Plan, Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Introspection:
+    """RFC 7662 meaning: only `active` is set for an inactive token."""
+
+    active: bool
+    lease: Lease | None = None
+    expires_at: float = 0
+
+
+class Leasing:
+    """Renew, complete and introspect."""
+
+    def __init__(
+        self,
+        *,
+        policy: PolicyEngine,
+        leases: LeaseTable,
+        minter: TokenMinter,
+        issuer: Issuer,
+        audit: AuditLog,
+        clock: Clock,
+        settings: Settings,
+    ) -> None:
+        self._policy = policy
+        self._leases = leases
+        self._minter = minter
+        self._issuer = issuer
+        self._audit = audit
+        self._clock = clock
+        self._settings = settings
+
+    def renew(self, caller: Identity, lease_id: str, ttl_seconds: int) -> Issued:
+        """A fresh token for the caller's lease, with policy re-checked.
+
+        Raises:
+            LeaseNotFound: no such lease held by the caller.
+            LeaseInactive: the lease is revoked or expired.
+            PolicyDenied: policy now refuses it (the lease is then revoked, RENEWAL_DENIED),
+                or it needs a fresh human approval.
+        """
+        now = self._clock.now()
+        lease = self._held_lease(caller, lease_id, now)
+        context = {**lease.context, "ttl_seconds": int(ttl_seconds or self._settings.default_ttl)}
+        decision = self._recheck(caller, lease, context, now)
+        plan = Plan(
+            intent=_renewal_intent(lease, ttl_seconds),
+            subject=lease.subject,
+            caller=caller,
+            decision=decision,
+            context=context,
+            parent=self._leases.get(lease.parent_id) if lease.parent_id else None,
+            actor_chain=lease.actor_chain,
+            not_after=lease.not_after,
+        )
+        task = self._leases.get_task(lease.task_id)
+        lifetime = self._issuer.lifetime(plan, now, deadline=task.deadline if task else now, caller=caller)
+        renewed = self._leases.renew(lease.id, expires_at=lifetime.expires_at, token_exp=lifetime.expires_at, now=now)
+        return self._issuer.deliver(renewed, now=now, cnf=caller.x5t_s256, capped_by=lifetime.capped_by, renewal=True)
+
+    def _held_lease(self, caller: Identity, lease_id: str, now: float) -> Lease:
+        """The caller's active lease, renewable over this credential.
+
+        Raises:
+            LeaseNotFound: no such lease held by the caller, or a certificate-bound lease
+                presented without a certificate.
+            LeaseInactive: the lease is revoked or expired.
+        """
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.client_id != caller.principal:
+            raise LeaseNotFound("no such lease")
+        # A certificate-bound lease is renewed only by a certificate holder (possibly a rotated
+        # SVID of the same id): a replayable bearer token must not turn it into a bearer lease.
+        if lease.cnf_x5t is not None and caller.x5t_s256 is None:
+            raise LeaseNotFound("no such lease held by this credential: renew it over mTLS")
+        if not lease.is_active(now):
+            raise LeaseInactive(f"lease is {_state_word(lease)}")
+        return lease
+
+    def _recheck(self, caller: Identity, lease: Lease, context: dict[str, Any], now: float) -> Decision:
+        """Decide the lease's scope again under today's policy, and audit the decision.
+
+        Raises:
+            PolicyDenied: policy now refuses it (the lease is then revoked, RENEWAL_DENIED),
+                or it needs a fresh human approval.
+        """
+        decision = self._policy.decide_all(lease.subject, lease.scope, lease.resource, context)
+        self._audit.record(
+            "decision",
+            principal=lease.subject,
+            client_id=caller.principal,
+            lease_id=lease.id,
+            task_id=lease.task_id,
+            actions=list(lease.scope),
+            resource=lease.resource,
+            audience=lease.audience,
+            decision="allow" if decision.allowed else "deny",
+            policies=list(decision.policies),
+            reason=decision.reason,
+            renewal=True,
+        )
+        if not decision.allowed:
+            self._leases.revoke(lease.id, Reason.RENEWAL_DENIED, now=now, initiator=caller.principal)
+            raise PolicyDenied(f"renewal denied: {decision.reason}", decision.policies)
+        if decision.approval_required:
+            raise PolicyDenied("renewal needs a fresh approval: exchange again", decision.policies)
+        return decision
+
+    def complete_task(self, caller: Identity, task_id: str) -> int:
+        """Revoke every lease of the caller's task and close it; returns how many changed.
+
+        The task's owner may complete it, and so may a client that obtained a root lease in it
+        on the owner's behalf (an agent that exchanged its user's token): ending authority early
+        is never a risk.
+
+        Raises:
+            InvalidRequest: the task id is ill-formed.
+            LeaseNotFound: no such task.
+            TaskConflict: the caller neither owns the task nor obtained a root lease in it.
+        """
+        check_task_id(task_id)
+        now = self._clock.now()
+        task = self._leases.get_task(task_id)
+        owner = caller.principal
+        if task is not None and task.owner != owner and self._opened_for(task_id, caller.principal):
+            owner = task.owner
+        return len(self._leases.complete_task(task_id, owner=owner, now=now, initiator=caller.principal))
+
+    def _opened_for(self, task_id: str, client_id: str) -> bool:
+        return any(
+            lease.client_id == client_id and lease.parent_id is None
+            for lease in self._leases.list(task_id=task_id, include_inactive=True)
+        )
+
+    def introspect(self, caller: Identity, token: str) -> Introspection:
+        """RFC 7662: is this broker token active, and what does it grant?
+
+        Raises:
+            PermissionDenied: the caller is neither the token's audience nor an introspector.
+        """
+        now = self._clock.now()
+        introspector = matches_any(caller.principal, self._settings.introspectors)
+        try:
+            claims = self._minter.verify(token, now=now)
+        except CredentialRejected:
+            return Introspection(active=False)
+        audience = claims.get("aud")
+        audiences = audience if isinstance(audience, list) else [audience]
+        if not introspector and caller.principal not in audiences:
+            raise PermissionDenied("only the token's audience or a configured introspector may introspect it")
+        lease = self._leases.get(str(claims.get("jti")))
+        if lease is None or not lease.is_active(now):
+            return Introspection(active=False)
+        # A renewal may have shortened the lease below this token's own exp.
+        return Introspection(active=True, lease=lease, expires_at=min(float(claims["exp"]), lease.expires_at))
+
+
+def _renewal_intent(lease: Lease, ttl_seconds: int) -> Intent:
+    """The request a renewal stands for: the lease's own task, audience, scope and resource."""
+    return Intent(
+        task_id=lease.task_id,
+        audience=lease.audience,
+        actions=lease.scope,
+        resource=lease.resource,
+        ttl_seconds=ttl_seconds,
+    )
+
+
+def _state_word(lease: Lease) -> str:
+    return "expired" if lease.state is LeaseState.ACTIVE else lease.state.value.lower()
