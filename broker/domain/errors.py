@@ -59,6 +59,19 @@ class LeaseInactive(BrokerError):
     """The lease is revoked or expired, so it cannot be renewed or delegated from."""
 
 
+class TaskNotFound(BrokerError):
+    """No such task for this caller."""
+
+
+class LifetimeExhausted(BrokerError):
+    """No whole second of lifetime is left under some TTL cap; `reason` names the cap."""
+
+
+class InvalidTransition(BrokerError):
+    """A state change does not fit the current state (duplicate id, an expiry already past,
+    a child outliving its parent): a command raced another, or a caller broke an invariant."""
+
+
 class ApprovalNotFound(BrokerError):
     """No such approval for this caller."""
 
@@ -77,6 +90,14 @@ class ApprovalNotPending(BrokerError):
 
 class RateLimited(BrokerError):
     """Too many requests; try again later."""
+
+
+class QuotaExceeded(BrokerError):
+    """A principal holds as many of something (tasks, pending approvals, streams) as it may."""
+
+
+class WatcherTooSlow(BrokerError):
+    """A revocation stream fell further behind than its buffer and was cut off."""
 
 
 class PolicyError(BrokerError):

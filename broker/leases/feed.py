@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from broker.domain.errors import RateLimited
+from broker.domain.errors import QuotaExceeded, WatcherTooSlow
 from broker.leases.table import Lease, LeaseEnded, LeaseTable
 
 DEFAULT_BUFFER = 1024
@@ -42,10 +42,10 @@ class RevocationFeed:
         """Start delivering ended leases of `audience` (None = all) to a new subscription.
 
         Raises:
-            RateLimited: `watcher` already holds MAX_STREAMS_PER_WATCHER streams.
+            QuotaExceeded: `watcher` already holds MAX_STREAMS_PER_WATCHER streams.
         """
         if watcher and sum(1 for s in self._subs if s.watcher == watcher) >= MAX_STREAMS_PER_WATCHER:
-            raise RateLimited(f"at most {MAX_STREAMS_PER_WATCHER} open revocation streams per watcher")
+            raise QuotaExceeded(f"at most {MAX_STREAMS_PER_WATCHER} open revocation streams per watcher")
         sub = Subscription(audience=audience, watcher=watcher, queue=asyncio.Queue(self._buffer))
         self._subs.add(sub)
         return sub
@@ -72,10 +72,10 @@ class RevocationFeed:
         """The next ended lease for `sub`.
 
         Raises:
-            RateLimited: the subscriber fell more than its buffer behind and was cut off.
+            WatcherTooSlow: the subscriber fell more than its buffer behind and was cut off.
         """
         if sub.overflowed and sub.queue.empty():
-            raise RateLimited(f"watcher fell more than {self._buffer} events behind and was cut off")
+            raise WatcherTooSlow(f"watcher fell more than {self._buffer} events behind and was cut off")
         if sub.overflowed:
             return sub.queue.get_nowait()
         return await sub.queue.get()

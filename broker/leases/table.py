@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 
-from broker.domain.errors import InvalidRequest, LeaseInactive, LeaseNotFound, TaskConflict
+from broker.domain.errors import InvalidTransition, LeaseInactive, LeaseNotFound, TaskConflict, TaskNotFound
 from broker.leases.events import (
     BROKER_INITIATOR,
     Event,
@@ -148,7 +148,7 @@ class LeaseTable(LeaseIndex):
 
         Raises:
             TaskConflict: the task belongs to another owner, or is closed.
-            InvalidRequest: `deadline` is not after `now`.
+            InvalidTransition: `deadline` is not after `now`.
         """
         existing = self._tasks.get(task_id)
         if existing is not None:
@@ -158,7 +158,7 @@ class LeaseTable(LeaseIndex):
                 raise TaskConflict(f"task {task_id} is closed")
             return existing
         if deadline <= now:
-            raise InvalidRequest("task deadline must be in the future")
+            raise InvalidTransition("task deadline must be in the future")
         task = Task(id=task_id, owner=owner, created_at=now, deadline=deadline)
         self.apply(TaskOpened(task=task, at=now))
         return task
@@ -169,12 +169,12 @@ class LeaseTable(LeaseIndex):
         Returns the leases that changed state; [] when the task is already closed.
 
         Raises:
-            LeaseNotFound: no such task ("no such task"; the API layer maps it).
+            TaskNotFound: no such task.
             TaskConflict: the task belongs to another owner ("not your task").
         """
         task = self._tasks.get(task_id)
         if task is None:
-            raise LeaseNotFound("no such task")
+            raise TaskNotFound("no such task")
         if task.owner != owner:
             raise TaskConflict("not your task")
         if task.state is not TaskState.OPEN:
@@ -195,7 +195,7 @@ class LeaseTable(LeaseIndex):
 
         Raises:
             TaskConflict: the task does not exist or is not open.
-            InvalidRequest: duplicate lease id, lease not ACTIVE, expiry not after `now`,
+            InvalidTransition: duplicate lease id, lease not ACTIVE, expiry not after `now`,
                 or expiry later than the parent's.
             LeaseNotFound: the parent lease is unknown.
             LeaseInactive: the parent lease is revoked or expired.
@@ -206,13 +206,13 @@ class LeaseTable(LeaseIndex):
         if not task.is_open(now):
             raise TaskConflict(f"task {lease.task_id} is closed")
         if lease.id in self._leases:
-            raise InvalidRequest("lease id already exists")
+            raise InvalidTransition("lease id already exists")
         if lease.state is not _ACTIVE:
-            raise InvalidRequest("a granted lease must be active")
+            raise InvalidTransition("a granted lease must be active")
         if lease.parent_id is not None:
             self._check_parent(lease, now)
         if lease.expires_at <= now:
-            raise InvalidRequest("lease expiry must be in the future")
+            raise InvalidTransition("lease expiry must be in the future")
         self.apply(LeaseGranted(lease, now))
         return lease
 
@@ -224,7 +224,7 @@ class LeaseTable(LeaseIndex):
             raise LeaseInactive("parent lease is not active")
         if lease.expires_at > parent.expires_at:
             # A delegated credential never outlives the authority it was delegated from.
-            raise InvalidRequest("lease would outlive its parent")
+            raise InvalidTransition("lease would outlive its parent")
 
     def renew(self, lease_id: str, *, expires_at: float, token_exp: float, now: float) -> Lease:
         """Give an active lease a new expiry (any time after `now`; the caller applies caps).
@@ -234,7 +234,7 @@ class LeaseTable(LeaseIndex):
         Raises:
             LeaseNotFound: no such lease.
             LeaseInactive: the lease is revoked, expired, or past its expiry.
-            InvalidRequest: `expires_at` is not after `now`.
+            InvalidTransition: `expires_at` is not after `now`.
         """
         lease = self._leases.get(lease_id)
         if lease is None:
@@ -242,7 +242,7 @@ class LeaseTable(LeaseIndex):
         if not lease.is_active(now):
             raise LeaseInactive("lease is not active")
         if expires_at <= now:
-            raise InvalidRequest("lease expiry must be in the future")
+            raise InvalidTransition("lease expiry must be in the future")
         token_exp = max(lease.token_exp, token_exp)
         self.apply(LeaseRenewed(lease_id=lease_id, expires_at=expires_at, token_exp=token_exp, at=now))
         return self._leases[lease_id]

@@ -23,7 +23,7 @@ from broker.domain.errors import (
     LeaseInactive,
     PermissionDenied,
     PolicyDenied,
-    RateLimited,
+    QuotaExceeded,
     TaskConflict,
 )
 from broker.domain.identity import AuthKind, Identity
@@ -73,7 +73,7 @@ class Exchange:
             TaskConflict: the task belongs to someone else, is closed, or a delegation leaves it.
             PolicyDenied: policy says no, or a delegation asks for more than its parent holds.
             PermissionDenied: the delegation chain would be deeper than allowed.
-            LeaseInactive: no lifetime is left under the caps.
+            LifetimeExhausted: no lifetime is left under the caps.
         """
         try:
             plan = await self._plan(caller, intent)
@@ -195,7 +195,7 @@ class Exchange:
         if task is None:
             limit = self._settings.max_tasks_per_principal
             if self._leases.tasks_of(plan.subject) >= limit:
-                raise RateLimited(f"{plan.subject} already has {limit} tasks: complete some, or reuse one")
+                raise QuotaExceeded(f"{plan.subject} already has {limit} tasks: complete some, or reuse one")
             return
         if task.owner != plan.subject:
             raise TaskConflict("task id belongs to another principal")
@@ -228,7 +228,7 @@ class Exchange:
         now = self._clock.now()
         intent = plan.intent
         if self._approvals.pending_count(plan.caller.principal) >= self._settings.max_pending_approvals:
-            raise RateLimited(f"already waiting on {self._settings.max_pending_approvals} approvals")
+            raise QuotaExceeded(f"already waiting on {self._settings.max_pending_approvals} approvals")
         approval = self._approvals.create(
             Approval(
                 id="apr_" + secrets.token_urlsafe(12),

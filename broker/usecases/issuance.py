@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.domain.clock import Clock
-from broker.domain.errors import LeaseInactive
+from broker.domain.errors import LifetimeExhausted
 from broker.domain.identity import Identity
 from broker.domain.intent import Intent, Lifetime, Limits, cap_ttl
 from broker.jose.jws import token_hash
@@ -93,7 +93,7 @@ class Issuer:
         """The TTL rule: the smallest cap wins, and the answer names it.
 
         Raises:
-            LeaseInactive: no whole second of lifetime is left under some cap.
+            LifetimeExhausted: no whole second of lifetime is left under some cap.
         """
         s = self._settings
         asked = plan.intent.ttl_seconds
@@ -108,14 +108,15 @@ class Issuer:
         ]
         lifetime = cap_ttl(now, first, caps)
         if lifetime.expires_at - now < 1:
-            raise LeaseInactive(f"no lifetime left under the {lifetime.capped_by} cap")
+            raise LifetimeExhausted(f"no lifetime left under the {lifetime.capped_by} cap")
         return lifetime
 
     def issue(self, plan: Plan) -> Issued:
         """Open the task if new, grant the lease, mint its token.
 
         Raises:
-            LeaseInactive: no lifetime left, or the parent lease died meanwhile.
+            LifetimeExhausted: no lifetime left.
+            LeaseInactive: the parent lease died meanwhile.
             TaskConflict: the task was closed or taken meanwhile.
         """
         # No await from here on: the checks and the grant are one atomic step on the event loop.

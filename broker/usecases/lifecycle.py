@@ -132,7 +132,7 @@ class Leasing:
 
         Raises:
             InvalidRequest: the task id is ill-formed.
-            LeaseNotFound: no such task.
+            TaskNotFound: no such task.
             TaskConflict: the caller neither owns the task nor obtained a root lease in it.
         """
         check_task_id(task_id)

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from broker.domain.errors import BrokerError, InvalidRequest, LeaseInactive, LeaseNotFound, TaskConflict
+from broker.domain.errors import (
+    BrokerError,
+    InvalidTransition,
+    LeaseInactive,
+    LeaseNotFound,
+    TaskConflict,
+    TaskNotFound,
+)
 from broker.leases.table import (
     BROKER_INITIATOR,
     Event,
@@ -329,7 +336,7 @@ def test_complete_task_by_another_owner_is_refused() -> None:
 
 
 def test_complete_of_an_unknown_task_is_lease_not_found() -> None:
-    with pytest.raises(LeaseNotFound, match="no such task"):
+    with pytest.raises(TaskNotFound, match="no such task"):
         new_table().complete_task("nope", owner=OWNER, now=T0, initiator=OWNER)
 
 
@@ -397,7 +404,7 @@ def test_open_task_by_its_owner_returns_the_existing_task() -> None:
 
 
 def test_open_task_with_a_past_deadline_is_invalid() -> None:
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidTransition):
         LeaseTable().open_task("task-1", OWNER, now=T0, deadline=T0)
 
 
@@ -415,12 +422,12 @@ def _grant_cases() -> list[GrantCase]:
     return [
         GrantCase("unknown-task", make_lease("new", task_id="nope"), TaskConflict),
         GrantCase("closed-task", make_lease("new", task_id="done"), TaskConflict),
-        GrantCase("duplicate-id", make_lease("parent"), InvalidRequest),
-        GrantCase("expiry-not-in-future", make_lease("new", expires_at=T0 + 1), InvalidRequest),
-        GrantCase("not-active", dataclasses.replace(make_lease("new"), state=LeaseState.REVOKED), InvalidRequest),
+        GrantCase("duplicate-id", make_lease("parent"), InvalidTransition),
+        GrantCase("expiry-not-in-future", make_lease("new", expires_at=T0 + 1), InvalidTransition),
+        GrantCase("not-active", dataclasses.replace(make_lease("new"), state=LeaseState.REVOKED), InvalidTransition),
         GrantCase("unknown-parent", make_lease("new", parent_id="nope"), LeaseNotFound),
         GrantCase("revoked-parent", make_lease("new", parent_id="revoked"), LeaseInactive),
-        GrantCase("outlives-parent", make_lease("new", expires_at=T0 + 301, parent_id="parent"), InvalidRequest),
+        GrantCase("outlives-parent", make_lease("new", expires_at=T0 + 301, parent_id="parent"), InvalidTransition),
     ]
 
 
@@ -465,7 +472,7 @@ class RenewCase:
         RenewCase("unknown", "nope", T0 + 50, T0 + 1, LeaseNotFound),
         RenewCase("revoked", "revoked", T0 + 50, T0 + 1, LeaseInactive),
         RenewCase("past-expiry-not-reaped", "live", T0 + 500, T0 + 300, LeaseInactive),
-        RenewCase("new-expiry-not-in-future", "live", T0 + 1, T0 + 1, InvalidRequest),
+        RenewCase("new-expiry-not-in-future", "live", T0 + 1, T0 + 1, InvalidTransition),
     ],
     ids=lambda case: case.name,
 )

@@ -244,6 +244,8 @@ def _non_canonical_signature(c: Ctx) -> str:
     raise AssertionError("no alias for the last character")
 
 
+MALFORMED_PARTS = "malformed token (expected three dot-separated parts)"
+
 REFUSALS = [
     Refusal("other-key", lambda c: TokenMinter(ISSUER, SigningKey.generate()).mint(claims()), "unknown kid"),
     Refusal("other-key-same-kid", _other_key_same_kid, "bad signature"),
@@ -294,15 +296,19 @@ REFUSALS = [
     Refusal("aud-number", lambda c: c.minter.mint(claims(aud=7)), "aud must be a string or a list of strings"),
     Refusal("claims-not-object", lambda c: forge(c.key, b"[1, 2]"), "malformed token (payload is not a json object)"),
     Refusal(
-        "oversized", lambda c: c.minter.mint(claims(pad="x" * MAX_TOKEN_BYTES)), f"token larger than {MAX_TOKEN_BYTES} bytes"
+        "oversized",
+        lambda c: c.minter.mint(claims(pad="x" * MAX_TOKEN_BYTES)),
+        f"token larger than {MAX_TOKEN_BYTES} bytes",
     ),
-    Refusal("garbage", lambda c: "not a token", "malformed token (expected three dot-separated parts)"),
+    Refusal("garbage", lambda c: "not a token", MALFORMED_PARTS),
     Refusal("empty", lambda c: "", "token is empty"),
-    Refusal("two-segments", lambda c: c.minter.mint(claims()).rsplit(".", 1)[0], "malformed token (expected three dot-separated parts)"),
-    Refusal("four-segments", lambda c: c.minter.mint(claims()) + ".AAAA", "malformed token (expected three dot-separated parts)"),
+    Refusal("two-segments", lambda c: c.minter.mint(claims()).rsplit(".", 1)[0], MALFORMED_PARTS),
+    Refusal("four-segments", lambda c: c.minter.mint(claims()) + ".AAAA", MALFORMED_PARTS),
     Refusal("non-ascii", lambda c: c.minter.mint(claims()) + "é", "malformed token (bad base64url)"),
     Refusal(
-        "header-not-json", lambda c: "bm90IGpzb24." + c.minter.mint(claims()).split(".", 1)[1], "malformed token (header is not valid json)"
+        "header-not-json",
+        lambda c: "bm90IGpzb24." + c.minter.mint(claims()).split(".", 1)[1],
+        "malformed token (header is not valid json)",
     ),
     Refusal("non-canonical-base64", _non_canonical_signature, "malformed token (bad base64url)"),
     # One JWS layer for incoming and own tokens: a duplicate member is a second reading of the claims.

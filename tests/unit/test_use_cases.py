@@ -25,10 +25,12 @@ from broker.domain.errors import (
     InvalidRequest,
     LeaseInactive,
     LeaseNotFound,
+    LifetimeExhausted,
     PermissionDenied,
     PolicyDenied,
-    RateLimited,
+    QuotaExceeded,
     TaskConflict,
+    TaskNotFound,
 )
 from broker.domain.identity import AuthKind, Identity
 from broker.domain.intent import TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT, Intent
@@ -349,7 +351,7 @@ def test_exchange_at_the_task_deadline_is_lease_inactive(build: Build) -> None:
     broker.ask(caller)
     broker.clock.advance(100)  # the deadline has come; the reaper has not run yet
     before = broker.leases.counts()
-    with pytest.raises(LeaseInactive, match="task_deadline"):
+    with pytest.raises(LifetimeExhausted, match="task_deadline"):
         broker.ask(caller)
     assert broker.leases.counts() == before
 
@@ -492,8 +494,8 @@ def test_complete_task_by_another_principal_is_task_conflict(broker: Broker) -> 
     assert broker.lease(lease_id).state is LeaseState.ACTIVE
 
 
-def test_complete_unknown_task_is_lease_not_found(broker: Broker) -> None:
-    with pytest.raises(LeaseNotFound):
+def test_complete_unknown_task_is_task_not_found(broker: Broker) -> None:
+    with pytest.raises(TaskNotFound):
         broker.leasing.complete_task(broker.x509_caller(AGENT), "no-such-task")
 
 
@@ -839,7 +841,7 @@ def test_a_caller_waiting_on_too_many_approvals_is_rate_limited(build: Build) ->
     caller = broker.x509_caller(AGENT)
     for task in ("t1", "t2"):
         assert broker.ask(caller, task_id=task, actions=("deploy",), resource="service:app").state == PENDING_APPROVAL
-    with pytest.raises(RateLimited, match="waiting on 2 approvals"):
+    with pytest.raises(QuotaExceeded, match="waiting on 2 approvals"):
         broker.ask(caller, task_id="t3", actions=("deploy",), resource="service:app")
     assert broker.approvals.pending_count(caller.principal) == 2
 
@@ -850,6 +852,6 @@ def test_a_principal_with_too_many_tasks_cannot_open_another(build: Build) -> No
     broker.ask(caller, task_id="t1")
     broker.ask(caller, task_id="t2")
     broker.ask(caller, task_id="t2")  # an existing task is still usable
-    with pytest.raises(RateLimited, match="already has 2 tasks"):
+    with pytest.raises(QuotaExceeded, match="already has 2 tasks"):
         broker.ask(caller, task_id="t3")
     assert broker.leases.get_task("t3") is None
