@@ -31,7 +31,7 @@ class BrokerAdminServicer(pb_grpc.BrokerAdminServicer):
     @rpc
     async def ListLeases(self, request: pb.ListLeasesRequest, context: aio.ServicerContext) -> pb.ListLeasesResponse:
         await self._auth.admin(context)
-        page = self._admin.list_leases(
+        page = await self._admin.list_leases(
             convert.lease_filter(request), page_size=request.page_size, page_token=request.page_token
         )
         leases = [convert.lease(lease, self._admin.children(lease.id)) for lease in page.leases]
@@ -40,7 +40,7 @@ class BrokerAdminServicer(pb_grpc.BrokerAdminServicer):
     @rpc
     async def GetLease(self, request: pb.GetLeaseRequest, context: aio.ServicerContext) -> pb.Lease:
         await self._auth.admin(context)
-        lease = self._admin.get_lease(request.lease_id)
+        lease = await self._admin.get_lease(request.lease_id)
         return convert.lease(lease, self._admin.children(lease.id))
 
     @rpc
@@ -49,13 +49,13 @@ class BrokerAdminServicer(pb_grpc.BrokerAdminServicer):
         note = _note(request.reason)
         which = request.WhichOneof("selector")
         if which == "lease_id":
-            count = self._admin.revoke_lease(operator, request.lease_id, note)
+            count = await self._admin.revoke_lease(operator, request.lease_id, note)
         elif which == "task_id":
-            count = self._admin.revoke_task(operator, request.task_id, note)
+            count = await self._admin.revoke_task(operator, request.task_id, note)
         elif which == "subject":
-            count = self._admin.revoke_subject(operator, request.subject, note)
+            count = await self._admin.revoke_subject(operator, request.subject, note)
         elif which == "all" and request.all:
-            count = self._admin.revoke_all(operator, note)
+            count = await self._admin.revoke_all(operator, note)
         else:
             raise InvalidRequest("exactly one of lease_id, task_id, subject or all is required")
         return pb.RevokeResponse(revoked_count=count)

@@ -63,7 +63,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         caller = await self._auth.issuing_caller(context)
         if request.ttl_seconds < 0:
             raise InvalidRequest("ttl_seconds must not be negative")
-        issued = self._leasing.renew(caller, _id(request.lease_id, "lease_id"), request.ttl_seconds)
+        issued = await self._leasing.renew(caller, _id(request.lease_id, "lease_id"), request.ttl_seconds)
         return convert.exchange_response(issued, now=self._clock.now())
 
     @rpc
@@ -71,14 +71,14 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self, request: pb.CompleteTaskRequest, context: aio.ServicerContext
     ) -> pb.CompleteTaskResponse:
         caller = await self._auth.caller(context)
-        return pb.CompleteTaskResponse(revoked_count=self._leasing.complete_task(caller, request.task_id))
+        return pb.CompleteTaskResponse(revoked_count=await self._leasing.complete_task(caller, request.task_id))
 
     @rpc
     async def Introspect(self, request: pb.IntrospectRequest, context: aio.ServicerContext) -> pb.IntrospectResponse:
         caller = await self._auth.caller(context)
         if not request.token:
             raise InvalidRequest("token is required")
-        return convert.introspect_response(self._leasing.introspect(caller, request.token))
+        return convert.introspect_response(await self._leasing.introspect(caller, request.token))
 
     @rpc
     async def AwaitApproval(

@@ -31,6 +31,7 @@ from broker.leases.table import LeaseTable
 from broker.ops.audit import AuditLog
 from broker.ops.ratelimit import RateLimiter
 from broker.policy.engine import PolicyEngine
+from broker.store.base import LeaseStore, MemoryStore
 from broker.tokens.minter import TokenMinter
 from broker.usecases.exchange import Exchange
 from broker.usecases.issuance import Issuer, Settings
@@ -103,6 +104,7 @@ class BrokerApp:
     config: Config
     clock: Clock
     leases: LeaseTable
+    store: LeaseStore
     approvals: ApprovalStore
     minter: TokenMinter
     policy: PolicyEngine
@@ -121,8 +123,14 @@ class BrokerApp:
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     async def start(self) -> None:
-        """Bind every listener and start serving; `ports` then holds the bound ports."""
+        """Connect the store, bind every listener and start serving; `ports` then holds the bound ports.
+
+        Raises:
+            ConfigError: a listener cannot bind, or the store's schema is newer than this broker.
+            StoreUnavailable: the store cannot be reached at start.
+        """
         cfg = self.config.server
+        await self.store.start()
         cert_chain = _read(cfg.cert, "server.cert")
         key = _read(cfg.key, "server.key")
         roots = b"".join(
@@ -140,10 +148,18 @@ class BrokerApp:
                 self.ports["http"] = self.http.start()
             except OSError as e:
                 raise ConfigError("server.http_listen", f"cannot listen on {cfg.http_listen}: {e.strerror}") from e
-        for name in (*SERVICE_NAMES[:2], ""):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(self.store.healthy)
+        self.store.on_health(lambda healthy: self._tasks.append(asyncio.ensure_future(self._set_health(healthy))))
         self._tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
         log.info("broker serving", extra={"ports": dict(self.ports), "issuer": str(cfg.spiffe_id)})
+
+    async def _set_health(self, healthy: bool) -> None:
+        # NOT_SERVING while the store is out of reach: the calls that need it fail closed.
+        if self.health is None:
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in (*SERVICE_NAMES[:2], ""):
+            await self.health.set(name, status)
 
     async def _serve(self, listener: Listener, address: str, creds: grpc.ServerCredentials) -> int:
         server = aio.server(
@@ -197,6 +213,7 @@ class BrokerApp:
         await asyncio.gather(*(server.stop(grace) for server in self.servers.values()))
         if self.http is not None:
             self.http.stop()
+        await self.store.close()
         self.audit.close()
         log.info("broker stopped")
 
@@ -210,6 +227,11 @@ class BrokerApp:
             return
         log.info("policy reloaded", extra={"policy_version": version})
         self.audit.record("policy.reloaded", operator="signal:SIGHUP", policy_version=version)
+
+
+def build_store(config: Config, table: LeaseTable, *, minter: TokenMinter, clock: Clock) -> LeaseStore:
+    """The lease store `[store]` names; nothing connects until `start()`."""
+    return MemoryStore(table, minter=minter)
 
 
 def _limits(config: Config) -> Limits:
@@ -263,16 +285,18 @@ def _wire(
     config: Config, clock: Clock, *, minter: TokenMinter, policy: PolicyEngine, audit: AuditLog, verifiers: Verifiers
 ) -> BrokerApp:
     """The lease table, the use cases and the loops around the built parts, as a `BrokerApp`."""
-    # Construction order is subscription order: lease events reach audit, feed, reaper.
+    # Construction order is subscription order: lease events reach the feed, then the reaper.
+    # The audit log reads the batches this broker committed, so each change is audited once.
     leases = LeaseTable(tombstone_grace=TOMBSTONE_GRACE_SECONDS)
-    leases.subscribe(audit.on_event)
+    store = build_store(config, leases, minter=minter, clock=clock)
+    store.on_committed(audit.on_event)
     approvals = ApprovalStore()
     settings = _settings(config)
-    issuer = Issuer(leases=leases, minter=minter, audit=audit, clock=clock, settings=settings)
+    issuer = Issuer(store=store, minter=minter, audit=audit, clock=clock, settings=settings)
     exchange = Exchange(
         verifiers=verifiers,
         policy=policy,
-        leases=leases,
+        store=store,
         minter=minter,
         approvals=approvals,
         issuer=issuer,
@@ -281,13 +305,14 @@ def _wire(
         settings=settings,
     )
     leasing = Leasing(
-        policy=policy, leases=leases, minter=minter, issuer=issuer, audit=audit, clock=clock, settings=settings
+        policy=policy, store=store, minter=minter, issuer=issuer, audit=audit, clock=clock, settings=settings
     )
-    admin = Admin(leases=leases, policy=policy, approvals=approvals, minter=minter, audit=audit, clock=clock)
+    admin = Admin(store=store, policy=policy, approvals=approvals, minter=minter, audit=audit, clock=clock)
     return BrokerApp(
         config=config,
         clock=clock,
         leases=leases,
+        store=store,
         approvals=approvals,
         minter=minter,
         policy=policy,
@@ -299,8 +324,9 @@ def _wire(
             leases,
             window=config.limits.watch_buffer,
             max_streams_per_watcher=config.limits.max_streams_per_watcher,
+            epoch=store.epoch,
         ),
-        reaper=Reaper(leases=leases, approvals=approvals, minter=minter, clock=clock),
+        reaper=Reaper(store=store, approvals=approvals, minter=minter, clock=clock),
         verifiers=verifiers,
         limiter=RateLimiter(rate=config.limits.rate_per_second, burst=config.limits.rate_burst),
     )

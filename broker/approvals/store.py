@@ -139,6 +139,13 @@ class ApprovalStore:
         """
         return self._put(replace(self.usable(approval_id, now=now), state=ApprovalState.USED))
 
+    def release(self, approval_id: str) -> Approval | None:
+        """Give back a used approval whose issuance failed: it is APPROVED (and usable) again."""
+        approval = self._approvals.get(approval_id)
+        if approval is None or approval.state is not ApprovalState.USED:
+            return approval
+        return self._put(replace(approval, state=ApprovalState.APPROVED))
+
     def expire_due(self, now: float) -> list[Approval]:
         """Expire undecided or unused approvals past their expiry; forget old decided ones."""
         changed: list[Approval] = []

@@ -19,6 +19,13 @@ from broker.leases.events import Lease, LeaseState, Task
 _ACTIVE = LeaseState.ACTIVE
 _ORDER = attrgetter("issued_at", "id")
 
+# Heap entry kinds. At equal times a lease's own expiry pops before its task's deadline,
+# so a lease whose TTL was capped by the task deadline ends EXPIRED rather than TASK_EXPIRED.
+LEASE_DUE = 0
+TASK_DUE = 1
+TOMBSTONE_DUE = 2
+TASK_PURGE = 3
+
 
 def _index_add(index: dict[str, set[str]], key: str, lease_id: str) -> None:
     ids = index.get(key)
@@ -88,6 +95,27 @@ class LeaseIndex:
                     found.append(child)
                     queue.append(child_id)
         return found
+
+    @property
+    def heap(self) -> list[tuple[float, int, str]]:
+        """The expiry heap of `(time, kind, id)`; only expiry planning pops it (`broker.leases.batch`)."""
+        return self._heap
+
+    def lease_ids_of_task(self, task_id: str) -> set[str]:
+        """Ids of the kept leases of a task."""
+        return self._by_task.get(task_id, set())
+
+    def lease_ids_of_principal(self, principal: str) -> set[str]:
+        """Ids of the kept leases issued on behalf of `principal` or held by it."""
+        return self._by_subject.get(principal, set()) | self._by_client.get(principal, set())
+
+    def active_lease_ids(self) -> list[str]:
+        """Ids of every active lease."""
+        return [i for i, lease in self._leases.items() if lease.state is _ACTIVE]
+
+    def has_children(self, lease_id: str) -> bool:
+        """True when some kept lease was delegated from this one."""
+        return lease_id in self._children
 
     def has_due(self, now: float) -> bool:
         """True when some heap entry is due at `now` (possibly a stale one)."""

@@ -28,9 +28,10 @@ from broker.domain.errors import (
 )
 from broker.domain.identity import AuthKind, Identity
 from broker.domain.intent import Intent
-from broker.leases.table import Lease, LeaseTable, TaskState
+from broker.leases.table import Lease, TaskState
 from broker.ops.audit import AuditLog
 from broker.policy.engine import Decision, EntityRef, PolicyEngine
+from broker.store.base import LeaseStore
 from broker.tokens.minter import TokenMinter
 from broker.usecases.issuance import PENDING_APPROVAL, UNDECIDED, Issued, Issuer, Plan, Settings
 from broker.verify import Verifiers
@@ -44,7 +45,7 @@ class Exchange:
         *,
         verifiers: Verifiers,
         policy: PolicyEngine,
-        leases: LeaseTable,
+        store: LeaseStore,
         minter: TokenMinter,
         approvals: ApprovalStore,
         issuer: Issuer,
@@ -55,7 +56,8 @@ class Exchange:
         self._issuer = issuer
         self._verifiers = verifiers
         self._policy = policy
-        self._leases = leases
+        self._store = store
+        self._leases = store.table
         self._minter = minter
         self._approvals = approvals
         self._audit = audit
@@ -87,7 +89,7 @@ class Exchange:
         plan = replace(plan, decision=decision)
         if decision.approval_required:
             return self._hold_for_approval(plan)
-        return self._issuer.issue(plan)
+        return await self._issuer.issue(plan)
 
     def _audit_refusal(self, caller: Identity, intent: Intent, error: BrokerError) -> None:
         self._audit.record(
@@ -107,7 +109,8 @@ class Exchange:
     async def _plan(self, caller: Identity, intent: Intent) -> Plan:
         now = self._clock.now()
         if intent.delegated:
-            return self._delegation_plan(caller, intent, now)
+            parent, token_exp = await self._live_parent(intent.subject_token, now)
+            return self._delegation_plan(caller, intent, parent, token_exp)
         if intent.subject_token:
             subject = await self._verifiers.verify_token(
                 intent.subject_token, now=now, token_type=intent.subject_token_type
@@ -128,8 +131,7 @@ class Exchange:
             not_after_name=name,
         )
 
-    def _delegation_plan(self, caller: Identity, intent: Intent, now: float) -> Plan:
-        parent, token_exp = self._live_parent(intent.subject_token, now)
+    def _delegation_plan(self, caller: Identity, intent: Intent, parent: Lease, token_exp: float) -> Plan:
         if parent.cnf_x5t is not None and caller.x5t_s256 is None:
             # A child is bound to its presenter's certificate; a bound parent never yields an unbound child.
             raise PermissionDenied("a certificate-bound token can only be delegated over mTLS")
@@ -158,9 +160,13 @@ class Exchange:
             not_after_name="subject_token",
         )
 
-    def _live_parent(self, token: str, now: float) -> tuple[Lease, float]:
-        """The live lease a presented broker token stands for, and that token's own `exp`."""
-        claims = self._minter.verify(token, now=now)
+    async def _live_parent(self, token: str, now: float) -> tuple[Lease, float]:
+        """The live lease a presented broker token stands for, and that token's own `exp`.
+
+        Read after the store's barrier: a revocation that returned on any replica is seen.
+        """
+        claims = await self._issuer.verify_token(token, now=now)
+        await self._store.sync()
         parent = self._leases.get(str(claims.get("jti", "")))
         if parent is None or not parent.is_active(now):
             raise CredentialRejected("broker token: its lease is not active")
@@ -285,11 +291,13 @@ class Exchange:
                 raise ApprovalExpired(f"approval expired before {unused}")
             if approval.state is ApprovalState.USED:
                 raise ApprovalNotPending("approval already used")
-            return self._issue_approved(approval)
+            return await self._issue_approved(approval)
 
-    def _issue_approved(self, approval: Approval) -> Issued:
-        # No await in here: the approval is used only by the issuance it allows, and a refused
-        # or failed issuance (new forbid, task closed, parent revoked meanwhile) leaves it unused.
+    async def _issue_approved(self, approval: Approval) -> Issued:
+        # The approval is taken (USED) before the issuance awaits the store, so two waiters
+        # cannot both use it; a refused or failed issuance (new forbid, task closed, parent
+        # revoked meanwhile, store down) gives it back unused.
+        await self._store.sync()
         now = self._clock.now()
         self._approvals.usable(approval.id, now=now)
         plan = approval.plan
@@ -301,8 +309,12 @@ class Exchange:
             plan = replace(plan, parent=parent)
         # An approval vouches for the request, not for the policy: a forbid added since still wins.
         plan = replace(plan, decision=self._decide(plan))
-        issued = self._issuer.issue(plan)
         self._approvals.consume(approval.id, now=now)
+        try:
+            issued = await self._issuer.issue(plan)
+        except BaseException:
+            self._approvals.release(approval.id)
+            raise
         self._audit.record("approval.used", approval_id=approval.id, lease_id=issued.lease.id)
         return issued
 

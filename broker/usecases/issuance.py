@@ -8,16 +8,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.domain.clock import Clock
-from broker.domain.errors import LifetimeExhausted
+from broker.domain.errors import CredentialRejected, LifetimeExhausted
 from broker.domain.identity import Identity
 from broker.domain.intent import Intent, Lifetime, Limits, cap_ttl
 from broker.jose.jws import token_hash
-from broker.leases.table import Lease, LeaseTable
+from broker.leases.batch import Batch
+from broker.leases.table import Lease
 from broker.ops.audit import AuditLog
 from broker.policy.engine import Decision
+from broker.store.base import LeaseStore
 from broker.tokens.minter import TokenMinter
 
 ISSUED = "ISSUED"
+UNKNOWN_KID = "broker token: unknown kid"
 PENDING_APPROVAL = "PENDING_APPROVAL"
 
 
@@ -81,9 +84,9 @@ class Issuer:
     """Grants leases and mints their tokens under the TTL rule."""
 
     def __init__(
-        self, *, leases: LeaseTable, minter: TokenMinter, audit: AuditLog, clock: Clock, settings: Settings
+        self, *, store: LeaseStore, minter: TokenMinter, audit: AuditLog, clock: Clock, settings: Settings
     ) -> None:
-        self._leases = leases
+        self._store = store
         self._minter = minter
         self._audit = audit
         self._clock = clock
@@ -111,23 +114,28 @@ class Issuer:
             raise LifetimeExhausted(f"no lifetime left under the {lifetime.capped_by} cap")
         return lifetime
 
-    def issue(self, plan: Plan) -> Issued:
-        """Open the task if new, grant the lease, mint its token.
+    async def issue(self, plan: Plan) -> Issued:
+        """Open the task if new, grant the lease (one atomic batch), mint its token.
 
         Raises:
             LifetimeExhausted: no lifetime left.
             LeaseInactive: the parent lease died meanwhile.
-            TaskConflict: the task was closed or taken meanwhile.
+            TaskConflict: the task was closed or taken meanwhile (by any replica).
+            StoreUnavailable: the store cannot be reached; nothing was issued.
         """
-        # No await from here on: the checks and the grant are one atomic step on the event loop.
+        lease, capped_by = await self._store.execute(lambda batch: self._grant(batch, plan))
+        return self.deliver(lease, now=lease.issued_at, cnf=plan.caller.x5t_s256, capped_by=capped_by)
+
+    def _grant(self, batch: Batch, plan: Plan) -> tuple[Lease, str]:
+        # Planned against the store's current state: the task's owner and deadline, the parent.
         now = self._clock.now()
         intent = plan.intent
-        task = self._leases.get_task(intent.task_id)
+        task = batch.task(intent.task_id)
         deadline = task.deadline if task is not None else now + self._settings.max_task_lifetime
         lifetime = self.lifetime(plan, now, deadline=deadline, caller=plan.caller)
         if plan.parent is None:
-            self._leases.open_task(intent.task_id, plan.subject, now=now, deadline=deadline)
-        lease = self._leases.grant(
+            batch.open_task(intent.task_id, plan.subject, now=now, deadline=deadline)
+        lease = batch.grant(
             Lease(
                 id="lse_" + secrets.token_urlsafe(18),
                 task_id=intent.task_id,
@@ -150,7 +158,22 @@ class Issuer:
             ),
             now=now,
         )
-        return self.deliver(lease, now=now, cnf=plan.caller.x5t_s256, capped_by=lifetime.capped_by)
+        return lease, lifetime.capped_by
+
+    async def verify_token(self, token: str, *, now: float) -> dict[str, Any]:
+        """Verify a broker token minted by any replica: an unknown kid sends for the published keys once.
+
+        Raises:
+            CredentialRejected: "broker token: <rule>".
+            StoreUnavailable: the store cannot be reached to learn the keys.
+        """
+        try:
+            return self._minter.verify(token, now=now)
+        except CredentialRejected as e:
+            if e.reason != UNKNOWN_KID:
+                raise
+        await self._store.refresh_keys()
+        return self._minter.verify(token, now=now)
 
     def deliver(self, lease: Lease, *, now: float, cnf: str | None, capped_by: str, renewal: bool = False) -> Issued:
         """Mint the token for a granted or renewed lease, and audit it by hash."""

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from broker.domain.clock import Clock
 from broker.domain.errors import CredentialRejected, LeaseInactive, LeaseNotFound, PermissionDenied, PolicyDenied
 from broker.domain.identity import Identity, matches_any
 from broker.domain.intent import Intent, check_task_id
-from broker.leases.table import Lease, LeaseState, LeaseTable, Reason
+from broker.leases.batch import Batch
+from broker.leases.table import Lease, LeaseState, Reason
 from broker.ops.audit import AuditLog
 from broker.policy.engine import Decision, PolicyEngine
+from broker.store.base import LeaseStore
 from broker.tokens.minter import TokenMinter
 from broker.usecases.issuance import Issued, Issuer, Plan, Settings
 
@@ -32,7 +34,7 @@ class Leasing:
         self,
         *,
         policy: PolicyEngine,
-        leases: LeaseTable,
+        store: LeaseStore,
         minter: TokenMinter,
         issuer: Issuer,
         audit: AuditLog,
@@ -40,14 +42,15 @@ class Leasing:
         settings: Settings,
     ) -> None:
         self._policy = policy
-        self._leases = leases
+        self._store = store
+        self._leases = store.table
         self._minter = minter
         self._issuer = issuer
         self._audit = audit
         self._clock = clock
         self._settings = settings
 
-    def renew(self, caller: Identity, lease_id: str, ttl_seconds: int) -> Issued:
+    async def renew(self, caller: Identity, lease_id: str, ttl_seconds: int) -> Issued:
         """A fresh token for the caller's lease, with policy re-checked.
 
         Raises:
@@ -55,11 +58,13 @@ class Leasing:
             LeaseInactive: the lease is revoked or expired.
             PolicyDenied: policy now refuses it (the lease is then revoked, RENEWAL_DENIED),
                 or it needs a fresh human approval.
+            StoreUnavailable: the store cannot be reached; nothing changed.
         """
+        await self._store.sync()
         now = self._clock.now()
         lease = self._held_lease(caller, lease_id, now)
         context = {**lease.context, "ttl_seconds": int(ttl_seconds or self._settings.default_ttl)}
-        decision = self._recheck(caller, lease, context, now)
+        decision = await self._recheck(caller, lease, context, now)
         plan = Plan(
             intent=_renewal_intent(lease, ttl_seconds),
             subject=lease.subject,
@@ -70,10 +75,21 @@ class Leasing:
             actor_chain=lease.actor_chain,
             not_after=lease.not_after,
         )
-        task = self._leases.get_task(lease.task_id)
+        renewed, capped_by = await self._store.execute(lambda batch: self._renewed(batch, plan, caller, lease.id))
+        return self._issuer.deliver(renewed, now=now, cnf=caller.x5t_s256, capped_by=capped_by, renewal=True)
+
+    def _renewed(self, batch: Batch, plan: Plan, caller: Identity, lease_id: str) -> tuple[Lease, str]:
+        # Planned against the store's current state: the parent may have been shortened or ended.
+        now = self._clock.now()
+        lease = batch.lease(lease_id)
+        if lease is None:
+            raise LeaseNotFound("no such lease")
+        parent_id = lease.parent_id
+        plan = replace(plan, parent=batch.lease(parent_id) if parent_id else None)
+        task = batch.task(lease.task_id)
         lifetime = self._issuer.lifetime(plan, now, deadline=task.deadline if task else now, caller=caller)
-        renewed = self._leases.renew(lease.id, expires_at=lifetime.expires_at, token_exp=lifetime.expires_at, now=now)
-        return self._issuer.deliver(renewed, now=now, cnf=caller.x5t_s256, capped_by=lifetime.capped_by, renewal=True)
+        renewed = batch.renew(lease.id, expires_at=lifetime.expires_at, token_exp=lifetime.expires_at, now=now)
+        return renewed, lifetime.capped_by
 
     def _held_lease(self, caller: Identity, lease_id: str, now: float) -> Lease:
         """The caller's active lease, renewable over this credential.
@@ -94,7 +110,7 @@ class Leasing:
             raise LeaseInactive(f"lease is {_state_word(lease)}")
         return lease
 
-    def _recheck(self, caller: Identity, lease: Lease, context: dict[str, Any], now: float) -> Decision:
+    async def _recheck(self, caller: Identity, lease: Lease, context: dict[str, Any], now: float) -> Decision:
         """Decide the lease's scope again under today's policy, and audit the decision.
 
         Raises:
@@ -117,13 +133,15 @@ class Leasing:
             renewal=True,
         )
         if not decision.allowed:
-            self._leases.revoke(lease.id, Reason.RENEWAL_DENIED, now=now, initiator=caller.principal)
+            await self._store.execute(
+                lambda batch: batch.revoke(lease.id, Reason.RENEWAL_DENIED, now=now, initiator=caller.principal)
+            )
             raise PolicyDenied(f"renewal denied: {decision.reason}", decision.policies)
         if decision.approval_required:
             raise PolicyDenied("renewal needs a fresh approval: exchange again", decision.policies)
         return decision
 
-    def complete_task(self, caller: Identity, task_id: str) -> int:
+    async def complete_task(self, caller: Identity, task_id: str) -> int:
         """Revoke every lease of the caller's task and close it; returns how many changed.
 
         The task's owner may complete it, and so may a client that obtained a root lease in it
@@ -137,30 +155,35 @@ class Leasing:
         """
         check_task_id(task_id)
         now = self._clock.now()
-        task = self._leases.get_task(task_id)
+        return len(await self._store.execute(lambda batch: self._complete(batch, caller, task_id, now)))
+
+    def _complete(self, batch: Batch, caller: Identity, task_id: str, now: float) -> list[Lease]:
+        task = batch.task(task_id)
         owner = caller.principal
-        if task is not None and task.owner != owner and self._opened_for(task_id, caller.principal):
+        if task is not None and task.owner != owner and self._opened_for(batch, task_id, caller.principal):
             owner = task.owner
-        return len(self._leases.complete_task(task_id, owner=owner, now=now, initiator=caller.principal))
+        return batch.complete_task(task_id, owner=owner, now=now, initiator=caller.principal)
 
-    def _opened_for(self, task_id: str, client_id: str) -> bool:
-        return any(
-            lease.client_id == client_id and lease.parent_id is None
-            for lease in self._leases.list(task_id=task_id, include_inactive=True)
-        )
+    def _opened_for(self, batch: Batch, task_id: str, client_id: str) -> bool:
+        leases = (batch.lease(i) for i in self._leases.lease_ids_of_task(task_id))
+        return any(lease is not None and lease.client_id == client_id and lease.parent_id is None for lease in leases)
 
-    def introspect(self, caller: Identity, token: str) -> Introspection:
+    async def introspect(self, caller: Identity, token: str) -> Introspection:
         """RFC 7662: is this broker token active, and what does it grant?
+
+        Answered after the store's barrier: a revocation that returned on any replica is seen.
 
         Raises:
             PermissionDenied: the caller is neither the token's audience nor an introspector.
+            StoreUnavailable: the store cannot be reached (never a stale "active").
         """
-        now = self._clock.now()
         introspector = matches_any(caller.principal, self._settings.introspectors)
         try:
-            claims = self._minter.verify(token, now=now)
+            claims = await self._issuer.verify_token(token, now=self._clock.now())
         except CredentialRejected:
             return Introspection(active=False)
+        await self._store.sync()
+        now = self._clock.now()
         audience = claims.get("aud")
         audiences = audience if isinstance(audience, list) else [audience]
         if not introspector and caller.principal not in audiences:

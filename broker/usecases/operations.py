@@ -14,9 +14,10 @@ from broker.domain.clock import Clock
 from broker.domain.errors import InvalidRequest, LeaseNotFound, PermissionDenied
 from broker.domain.identity import Identity
 from broker.domain.intent import Limits, check_actions, check_context, check_task_id
-from broker.leases.table import Lease, LeaseTable, Reason
+from broker.leases.table import Lease, Reason
 from broker.ops.audit import AuditLog
 from broker.policy.engine import Decision, EntityRef, PolicyEngine
+from broker.store.base import LeaseStore
 from broker.tokens.minter import TokenMinter
 
 DEFAULT_PAGE_SIZE = 100
@@ -126,21 +127,22 @@ class Admin:
     def __init__(
         self,
         *,
-        leases: LeaseTable,
+        store: LeaseStore,
         policy: PolicyEngine,
         approvals: ApprovalStore,
         minter: TokenMinter,
         audit: AuditLog,
         clock: Clock,
     ) -> None:
-        self._leases = leases
+        self._store = store
+        self._leases = store.table
         self._policy = policy
         self._approvals = approvals
         self._minter = minter
         self._audit = audit
         self._clock = clock
 
-    def list_leases(self, flt: LeaseFilter, *, page_size: int, page_token: str) -> Page:
+    async def list_leases(self, flt: LeaseFilter, *, page_size: int, page_token: str) -> Page:
         """One page of leases in (issued_at, id) order; the token resumes after the last one.
 
         Raises:
@@ -149,6 +151,7 @@ class Admin:
         if page_size < 0:
             raise InvalidRequest("page_size must not be negative")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        await self._store.sync()
         items = self._leases.list(
             task_id=flt.task_id or None,
             subject=flt.subject or None,
@@ -162,8 +165,9 @@ class Admin:
         more = len(items) > size
         return Page(leases=page, next_page_token=_encode_token(page[-1], flt) if more else "")
 
-    def get_lease(self, lease_id: str) -> Lease:
+    async def get_lease(self, lease_id: str) -> Lease:
         """Raises: LeaseNotFound."""
+        await self._store.sync()
         lease = self._leases.get(lease_id)
         if lease is None:
             raise LeaseNotFound("no such lease")
@@ -183,32 +187,40 @@ class Admin:
         )
         return len(changed)
 
-    def revoke_lease(self, operator: Identity, lease_id: str, note: str) -> int:
+    async def revoke_lease(self, operator: Identity, lease_id: str, note: str) -> int:
         """Raises: LeaseNotFound."""
         now = self._clock.now()
-        changed = self._leases.revoke(lease_id, Reason.OPERATOR, now=now, initiator=operator.principal)
+        changed = await self._store.execute(
+            lambda b: b.revoke(lease_id, Reason.OPERATOR, now=now, initiator=operator.principal)
+        )
         return self._revoked(operator, "lease_id", lease_id, note, changed)
 
-    def revoke_task(self, operator: Identity, task_id: str, note: str) -> int:
+    async def revoke_task(self, operator: Identity, task_id: str, note: str) -> int:
         """Raises: InvalidRequest for an ill-formed task id."""
         check_task_id(task_id)
         now = self._clock.now()
-        changed = self._leases.revoke_task(task_id, Reason.OPERATOR, now=now, initiator=operator.principal)
+        changed = await self._store.execute(
+            lambda b: b.revoke_task(task_id, Reason.OPERATOR, now=now, initiator=operator.principal)
+        )
         return self._revoked(operator, "task_id", task_id, note, changed)
 
-    def revoke_subject(self, operator: Identity, subject: str, note: str) -> int:
+    async def revoke_subject(self, operator: Identity, subject: str, note: str) -> int:
         """Raises: InvalidRequest for an empty subject."""
         if not subject:
             raise InvalidRequest("subject is required")
         now = self._clock.now()
-        changed = self._leases.revoke_subject(subject, Reason.OPERATOR, now=now, initiator=operator.principal)
+        changed = await self._store.execute(
+            lambda b: b.revoke_subject(subject, Reason.OPERATOR, now=now, initiator=operator.principal)
+        )
         return self._revoked(operator, "subject", subject, note, changed)
 
-    def revoke_all(self, operator: Identity, note: str) -> int:
+    async def revoke_all(self, operator: Identity, note: str) -> int:
         """Revoke every lease and rotate the signing key, so no earlier token verifies anywhere."""
         now = self._clock.now()
-        changed = self._leases.revoke_all(Reason.OPERATOR, now=now, initiator=operator.principal)
-        kid = self._minter.rotate(keep_previous_until=None)
+        changed = await self._store.execute(
+            lambda b: b.revoke_all(Reason.OPERATOR, now=now, initiator=operator.principal)
+        )
+        kid = await self._store.rotate_keys()
         self._audit.record("signing_key.rotated", operator=operator.principal, kid=kid)
         return self._revoked(operator, "all", "true", note, changed)
 

@@ -8,7 +8,8 @@ import logging
 
 from broker.approvals.store import ApprovalStore
 from broker.domain.clock import Clock
-from broker.leases.table import LeaseGranted, LeaseRenewed, LeaseTable, TaskOpened
+from broker.leases.table import LeaseGranted, LeaseRenewed, TaskOpened
+from broker.store.base import LeaseStore
 from broker.tokens.minter import TokenMinter
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,9 @@ BATCH = 1000
 class Reaper:
     """Expires leases, tasks and approvals at their deadlines, driven by one heap each."""
 
-    def __init__(self, *, leases: LeaseTable, approvals: ApprovalStore, minter: TokenMinter, clock: Clock) -> None:
-        self._leases = leases
+    def __init__(self, *, store: LeaseStore, approvals: ApprovalStore, minter: TokenMinter, clock: Clock) -> None:
+        self._store = store
+        self._leases = leases = store.table
         self._approvals = approvals
         self._minter = minter
         self._clock = clock
@@ -47,13 +49,13 @@ class Reaper:
         elif isinstance(event, TaskOpened):
             self.poke(event.task.deadline)
 
-    def expire(self, *, limit: int | None = None) -> int:
+    async def expire(self, *, limit: int = BATCH) -> int:
         """One pass over what is due by now (at most `limit` lease-table entries).
 
         Returns how many leases changed state.
         """
         now = self._clock.now()
-        changed = self._leases.expire_due(now, limit=limit)
+        changed = await self._store.expire(now, limit=limit)
         self._approvals.expire_due(now)
         self._minter.prune(now=now)
         return len(changed)
@@ -70,7 +72,7 @@ class Reaper:
         """Loop until cancelled."""
         while True:
             try:
-                self.expire(limit=BATCH)
+                await self.expire(limit=BATCH)
             except Exception:  # the loop must outlive a bug in one pass
                 log.exception("expiry pass failed")
             if self._leases.has_due(self._clock.now()):

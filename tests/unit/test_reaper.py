@@ -11,6 +11,7 @@ import pytest
 from broker.approvals.store import Approval, ApprovalState, ApprovalStore
 from broker.jose.keys import SigningKey
 from broker.leases.table import Lease, LeaseState, LeaseTable, Reason, TaskState
+from broker.store.base import MemoryStore
 from broker.testing.clock import FakeClock
 from broker.tokens.minter import TokenMinter
 from broker.usecases.reaper import HOUSEKEEPING_SECONDS, Reaper
@@ -64,7 +65,7 @@ def _loop(*, task_deadline: float = T0 + 3600) -> Loop:
     leases.open_task("task-1", OWNER, now=T0, deadline=task_deadline)
     approvals = ApprovalStore()
     minter = TokenMinter(ISSUER, SigningKey.generate())
-    reaper = Reaper(leases=leases, approvals=approvals, minter=minter, clock=clock)
+    reaper = Reaper(store=MemoryStore(leases, minter=minter), approvals=approvals, minter=minter, clock=clock)
     return Loop(clock, leases, approvals, minter, reaper)
 
 
@@ -295,5 +296,5 @@ def test_one_pass_expires_what_is_due_and_counts_it() -> None:
     _grant(loop, "a", 10)
     _grant(loop, "b", 20)
     loop.clock.advance(15)
-    assert loop.reaper.expire() == 1
+    assert asyncio.run(loop.reaper.expire()) == 1
     assert [loop.lease(i).state for i in "ab"] == [LeaseState.EXPIRED, LeaseState.ACTIVE]

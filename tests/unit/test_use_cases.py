@@ -39,6 +39,7 @@ from broker.jose.keys import SigningKey
 from broker.leases.table import Lease, LeaseState, LeaseTable, Reason
 from broker.ops.audit import AuditLog
 from broker.policy.engine import PolicyEngine
+from broker.store.base import MemoryStore
 from broker.testing.clock import FakeClock
 from broker.testing.jwt_issuer import JwtSvidIssuer
 from broker.testing.x509_ca import SpiffeCA
@@ -161,7 +162,7 @@ class Broker:
         return self.ask(caller, subject_token=parent_token, subject_token_type=TOKEN_TYPE_ACCESS_TOKEN, **kw)
 
     def renew(self, caller: Identity, lease_id: str, ttl: int = 0) -> Issued:
-        issued = self.leasing.renew(caller, lease_id, ttl)
+        issued = asyncio.run(self.leasing.renew(caller, lease_id, ttl))
         self.tokens.append(issued.access_token)
         return issued
 
@@ -210,11 +211,12 @@ def _build(authorities: Authorities, folder: Path, **overrides: Any) -> Broker:
     minter = TokenMinter(BROKER_ID, SigningKey.generate())
     sink = io.StringIO()
     audit = AuditLog(sink, clock=clock)
-    leases.subscribe(audit.on_event)
+    store = MemoryStore(leases, minter=minter)
+    store.on_committed(audit.on_event)
     verifiers = _verifiers(authorities)
     settings = Settings(issuer=BROKER_ID, **{"introspectors": (GATEWAY,), **overrides})
-    issuer = Issuer(leases=leases, minter=minter, audit=audit, clock=clock, settings=settings)
-    core = {"leases": leases, "minter": minter, "audit": audit, "clock": clock, "settings": settings}
+    issuer = Issuer(store=store, minter=minter, audit=audit, clock=clock, settings=settings)
+    core = {"store": store, "minter": minter, "audit": audit, "clock": clock, "settings": settings}
     return Broker(
         authorities=authorities,
         clock=clock,
@@ -482,7 +484,7 @@ def test_complete_task_by_owner_revokes_every_lease_and_counts_them(broker: Brok
     first = broker.ask(caller)
     second = broker.ask(caller, actions=("repo:clone",))
     child = broker.delegate(broker.x509_caller(SUB1), first.access_token)
-    assert broker.leasing.complete_task(caller, "task-1") == 3
+    assert asyncio.run(broker.leasing.complete_task(caller, "task-1")) == 3
     leases = [broker.lease(_id(i)) for i in (first, second, child)]
     assert {(lease.state, lease.reason) for lease in leases} == {(LeaseState.REVOKED, Reason.TASK_COMPLETED)}
 
@@ -490,33 +492,33 @@ def test_complete_task_by_owner_revokes_every_lease_and_counts_them(broker: Brok
 def test_complete_task_by_another_principal_is_task_conflict(broker: Broker) -> None:
     lease_id = _id(broker.ask(broker.x509_caller(AGENT)))
     with pytest.raises(TaskConflict):
-        broker.leasing.complete_task(broker.x509_caller(OTHER), "task-1")
+        asyncio.run(broker.leasing.complete_task(broker.x509_caller(OTHER), "task-1"))
     assert broker.lease(lease_id).state is LeaseState.ACTIVE
 
 
 def test_complete_unknown_task_is_task_not_found(broker: Broker) -> None:
     with pytest.raises(TaskNotFound):
-        broker.leasing.complete_task(broker.x509_caller(AGENT), "no-such-task")
+        asyncio.run(broker.leasing.complete_task(broker.x509_caller(AGENT), "no-such-task"))
 
 
 def test_complete_task_twice_counts_zero_the_second_time(broker: Broker) -> None:
     caller = broker.x509_caller(AGENT)
     broker.ask(caller)
-    assert broker.leasing.complete_task(caller, "task-1") == 1
-    assert broker.leasing.complete_task(caller, "task-1") == 0
+    assert asyncio.run(broker.leasing.complete_task(caller, "task-1")) == 1
+    assert asyncio.run(broker.leasing.complete_task(caller, "task-1")) == 0
 
 
 def test_completed_task_refuses_new_exchanges(broker: Broker) -> None:
     caller = broker.x509_caller(AGENT)
     broker.ask(caller)
-    broker.leasing.complete_task(caller, "task-1")
+    asyncio.run(broker.leasing.complete_task(caller, "task-1"))
     with pytest.raises(TaskConflict, match="completed"):
         broker.ask(caller)
 
 
 def test_complete_task_with_ill_formed_id_is_invalid_request(broker: Broker) -> None:
     with pytest.raises(InvalidRequest, match="task_id"):
-        broker.leasing.complete_task(broker.x509_caller(AGENT), "bad task")
+        asyncio.run(broker.leasing.complete_task(broker.x509_caller(AGENT), "bad task"))
 
 
 # -- introspect -------------------------------------------------------------------------
@@ -524,7 +526,7 @@ def test_complete_task_with_ill_formed_id_is_invalid_request(broker: Broker) -> 
 
 def test_introspect_active_token_by_its_audience(broker: Broker) -> None:
     issued = broker.ask(broker.x509_caller(AGENT), ttl=60)
-    answer = broker.leasing.introspect(broker.x509_caller(REPO), issued.access_token)
+    answer = asyncio.run(broker.leasing.introspect(broker.x509_caller(REPO), issued.access_token))
     assert answer.active is True
     assert answer.lease == issued.lease
     assert answer.expires_at == T0 + 60
@@ -534,7 +536,7 @@ def test_introspect_expired_token_is_inactive(broker: Broker) -> None:
     issued = broker.ask(broker.x509_caller(AGENT), ttl=60)
     resource_server = broker.x509_caller(REPO)
     broker.clock.advance(60)
-    assert broker.leasing.introspect(resource_server, issued.access_token).active is False
+    assert asyncio.run(broker.leasing.introspect(resource_server, issued.access_token)).active is False
 
 
 def test_introspect_token_of_expired_lease_is_inactive_before_exp(broker: Broker) -> None:
@@ -543,13 +545,13 @@ def test_introspect_token_of_expired_lease_is_inactive_before_exp(broker: Broker
     broker.renew(caller, _id(first), 30)
     broker.clock.advance(40)  # the lease ended at +30; the first token's exp is +60
     broker.leases.expire_due(broker.clock.now())
-    assert broker.leasing.introspect(broker.x509_caller(REPO), first.access_token).active is False
+    assert asyncio.run(broker.leasing.introspect(broker.x509_caller(REPO), first.access_token)).active is False
 
 
 def test_introspect_revoked_token_is_inactive(broker: Broker) -> None:
     issued = broker.ask(broker.x509_caller(AGENT))
     broker.leases.revoke(_id(issued), Reason.OPERATOR, now=T0, initiator=OPERATOR)
-    answer = broker.leasing.introspect(broker.x509_caller(REPO), issued.access_token)
+    answer = asyncio.run(broker.leasing.introspect(broker.x509_caller(REPO), issued.access_token))
     assert answer.active is False
     assert answer.lease is None
 
@@ -558,22 +560,22 @@ def test_introspect_forged_token_is_inactive(broker: Broker) -> None:
     issued = broker.ask(broker.x509_caller(AGENT))
     forger = TokenMinter(BROKER_ID, SigningKey.generate())
     forged = forger.mint(broker.claims(issued.access_token))
-    assert broker.leasing.introspect(broker.x509_caller(REPO), forged).active is False
+    assert asyncio.run(broker.leasing.introspect(broker.x509_caller(REPO), forged)).active is False
 
 
 def test_introspect_garbage_is_inactive(broker: Broker) -> None:
-    assert broker.leasing.introspect(broker.x509_caller(REPO), "not-a-token").active is False
+    assert asyncio.run(broker.leasing.introspect(broker.x509_caller(REPO), "not-a-token")).active is False
 
 
 def test_introspect_by_someone_other_than_the_audience_is_permission_denied(broker: Broker) -> None:
     issued = broker.ask(broker.x509_caller(AGENT))
     with pytest.raises(PermissionDenied):
-        broker.leasing.introspect(broker.x509_caller(OTHER), issued.access_token)
+        asyncio.run(broker.leasing.introspect(broker.x509_caller(OTHER), issued.access_token))
 
 
 def test_introspect_by_configured_introspector_is_allowed(broker: Broker) -> None:
     issued = broker.ask(broker.x509_caller(AGENT))
-    answer = broker.leasing.introspect(broker.x509_caller(GATEWAY), issued.access_token)
+    answer = asyncio.run(broker.leasing.introspect(broker.x509_caller(GATEWAY), issued.access_token))
     assert answer.active is True
     assert answer.lease is not None
     assert answer.lease.id == _id(issued)
@@ -623,7 +625,7 @@ def test_revoking_the_root_revokes_every_descendant_three_levels_deep(broker: Br
     assert [lease.state for lease in leases] == [LeaseState.REVOKED] * 4
     assert [lease.reason for lease in leases] == [Reason.OPERATOR] + [Reason.PARENT_REVOKED] * 3
     resource_server = broker.x509_caller(REPO)
-    assert not any(broker.leasing.introspect(resource_server, i.access_token).active for i in chain)
+    assert not any(asyncio.run(broker.leasing.introspect(resource_server, i.access_token)).active for i in chain)
 
 
 def test_delegation_cannot_leave_its_task(broker: Broker) -> None:
@@ -794,8 +796,8 @@ def test_audit_never_contains_a_token(broker: Broker) -> None:
     broker.ask(caller, subject_token=broker.jwt_svid(AGENT), task_id="task-2")
     child = broker.delegate(broker.x509_caller(SUB1), root.access_token)
     broker.renew(caller, _id(root), 60)
-    broker.leasing.introspect(broker.x509_caller(REPO), child.access_token)
-    broker.leasing.complete_task(caller, "task-1")
+    asyncio.run(broker.leasing.introspect(broker.x509_caller(REPO), child.access_token))
+    asyncio.run(broker.leasing.complete_task(caller, "task-1"))
     text = broker.audit_text()
     assert len(broker.tokens) == 5  # four broker tokens and one JWT-SVID
     for token in broker.tokens:
@@ -821,7 +823,8 @@ def _access_tokens(broker: Broker) -> set[str]:
 def test_introspector_glob_is_honoured(build: Build) -> None:
     broker = build(introspectors=(f"spiffe://{TD}/gateway/*",))
     issued = broker.ask(broker.x509_caller(AGENT))
-    answer = broker.leasing.introspect(broker.x509_caller(f"spiffe://{TD}/gateway/eu"), issued.access_token)
+    gateway = broker.x509_caller(f"spiffe://{TD}/gateway/eu")
+    answer = asyncio.run(broker.leasing.introspect(gateway, issued.access_token))
     assert answer.active is True
 
 
