@@ -105,7 +105,10 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             audience = caller.principal
         if len(request.resume_after) > MAX_ID:
             raise InvalidRequest(f"resume_after is longer than {MAX_ID} characters")
-        resume_after = self._feed.parse_cursor(request.resume_after) if request.resume_after else None
+        resume_after = None
+        if request.resume_after:
+            await self._leasing.barrier()  # a cursor handed out by another replica may be ahead of this one
+            resume_after = self._feed.parse_cursor(request.resume_after)
         sub = self._feed.subscribe(audience, watcher=caller.principal, resume_after=resume_after)
         try:
             await context.send_initial_metadata(())

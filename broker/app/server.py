@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,6 +133,7 @@ class BrokerApp:
         """
         cfg = self.config.server
         await self.store.start()
+        self.feed.epoch = self.store.epoch  # cursors name the store they index
         cert_chain = _read(cfg.cert, "server.cert")
         key = _read(cfg.key, "server.key")
         roots = b"".join(
@@ -166,7 +169,7 @@ class BrokerApp:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self.config.server.reuse_port else 0),
             ]
         )
         auth = Authenticator(
@@ -231,7 +234,22 @@ class BrokerApp:
 
 def build_store(config: Config, table: LeaseTable, *, minter: TokenMinter, clock: Clock) -> LeaseStore:
     """The lease store `[store]` names; nothing connects until `start()`."""
-    return MemoryStore(table, minter=minter)
+    store = config.store
+    if store.backend == "memory":
+        return MemoryStore(table, minter=minter)
+    from broker.store.postgres import HOUSEKEEPING_SECONDS, PostgresStore  # psycopg only when asked for
+
+    tokens = config.tokens
+    return PostgresStore(
+        table,
+        dsn=store.dsn,
+        replica_id=store.replica_id or f"{socket.gethostname()}-{os.getpid()}",
+        minter=minter,
+        clock=clock,
+        # A replica heartbeats its key; a token it signed lives at most max_ttl past its last beat.
+        key_lifetime=tokens.max_ttl + tokens.clock_skew + 2 * HOUSEKEEPING_SECONDS,
+        event_retention=tokens.max_task_lifetime + TOMBSTONE_GRACE_SECONDS + tokens.clock_skew + 60,
+    )
 
 
 def _limits(config: Config) -> Limits:

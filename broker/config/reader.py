@@ -98,6 +98,12 @@ class Table:
             raise ConfigError(self.sub(name), f"must be {bounds}")
         return value
 
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.sub(name), "must be true or false")
+        return value
+
     def strings(self, name: str) -> tuple[str, ...]:
         value = self.raw(name, [])
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import string
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class ServerConfig:
     cert: Path
     key: Path
     spiffe_id: SpiffeId
+    reuse_port: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Where leases, tasks and keys live: this process's memory, or PostgreSQL shared by replicas."""
+
+    backend: str = "memory"
+    dsn: str = field(default="", repr=False)  # may hold a password: never printed
+    replica_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     trust_domains: tuple[TrustDomainConfig, ...]
@@ -121,6 +131,7 @@ class Config:
     approvals: ApprovalsConfig
     limits: LimitsConfig
     source: Path
+    store: StoreConfig = StoreConfig()
 
     def trust_domain(self, name: str | TrustDomain) -> TrustDomainConfig | None:
         """The configured trust domain called `name`, or None."""
@@ -129,7 +140,7 @@ class Config:
 
 
 def _server(t: Table) -> ServerConfig:
-    t.allow("listen", "token_listen", "http_listen", "cert", "key", "spiffe_id")
+    t.allow("listen", "token_listen", "http_listen", "cert", "key", "spiffe_id", "reuse_port")
     listen = check_listen(t.string("listen"), t.sub("listen"))
     token_listen = check_listen(t.string("token_listen", None), t.sub("token_listen"))
     http_listen = check_listen(t.string("http_listen", None), t.sub("http_listen"))
@@ -151,6 +162,7 @@ def _server(t: Table) -> ServerConfig:
         cert=t.path("cert"),
         key=t.path("key"),
         spiffe_id=spiffe_id,
+        reuse_port=t.boolean("reuse_port", False),
     )
 
 
@@ -278,6 +290,35 @@ def _limits(t: Table) -> LimitsConfig:
     )
 
 
+STORE_BACKENDS = ("memory", "postgres")
+
+
+def _store(t: Table) -> StoreConfig:
+    t.allow("backend", "dsn", "dsn_file", "replica_id")
+    backend = t.string("backend", "memory")
+    if backend not in STORE_BACKENDS:
+        raise ConfigError(t.sub("backend"), f'must be "memory" or "postgres", not {backend!r}')
+    if "dsn" in t.data and "dsn_file" in t.data:
+        raise ConfigError(t.sub("dsn_file"), "set only one of dsn and dsn_file")
+    dsn = t.string("dsn", "")
+    dsn_file = t.path("dsn_file", None)
+    if dsn_file is not None:
+        try:
+            dsn = dsn_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(t.sub("dsn_file"), f"cannot read {dsn_file}") from e
+        if not dsn:
+            raise ConfigError(t.sub("dsn_file"), f"{dsn_file} is empty")
+    if backend == "postgres" and not dsn:
+        raise ConfigError(t.sub("dsn"), "the postgres store needs store.dsn or store.dsn_file")
+    if backend == "memory" and dsn:
+        raise ConfigError(t.sub("backend"), 'a dsn is set: say backend = "postgres"')
+    replica_id = t.string("replica_id", "")
+    if len(replica_id) > 128 or not replica_id.isprintable():
+        raise ConfigError(t.sub("replica_id"), "must be at most 128 printable characters")
+    return StoreConfig(backend=backend, dsn=dsn, replica_id=replica_id)
+
+
 def _section(root: Table, name: str, *, required: bool = False) -> Table:
     if name not in root.data and required:
         raise ConfigError(name, "section is missing")
@@ -319,11 +360,17 @@ def load_config(path: Path) -> Config:
     """
     source = Path(os.path.abspath(path))
     root = Table(_read(source), "", source.parent)
-    sections = ("server", "trust_domains", "oidc_issuers", "tokens", "policy", "admin", "audit", "approvals", "limits")
+    sections = (
+        "server", "trust_domains", "oidc_issuers", "tokens", "policy", "admin", "audit", "approvals", "limits", "store"
+    )
     unknown = sorted(set(root.data) - set(sections))
     if unknown:
         raise ConfigError(unknown[0], "unknown section")
     server = _server(_section(root, "server", required=True))
+    store = _store(_section(root, "store"))
+    if server.reuse_port and store.backend != "postgres":
+        # Replicas sharing a port must share their state too, or a call lands on a stranger.
+        raise ConfigError("server.reuse_port", 'needs the postgres store ([store] backend = "postgres")')
     if "trust_domains" not in root.data or not root.data["trust_domains"]:
         raise ConfigError("trust_domains", "at least one [[trust_domains]] is required")
     trust_domains = [_trust_domain(t) for t in _array(root, "trust_domains")]
@@ -341,4 +388,5 @@ def load_config(path: Path) -> Config:
         approvals=_approvals(_section(root, "approvals")),
         limits=_limits(_section(root, "limits")),
         source=source,
+        store=store,
     )

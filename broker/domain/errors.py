@@ -35,6 +35,10 @@ class IssuerUnavailable(BrokerError):
     """An OIDC issuer's keys could not be fetched."""
 
 
+class StoreUnavailable(BrokerError):
+    """The shared lease store cannot be reached: the broker fails closed rather than guess."""
+
+
 class PermissionDenied(BrokerError):
     """The caller is authenticated but may not do this (not an admin, not the audience)."""
 

@@ -38,6 +38,23 @@ class _VerifyingKey:
         jwk = key.public_jwk()
         return cls(key.kid, key.algorithm, jwt.PyJWK(dict(jwk), key.algorithm), jwk, None)
 
+    @classmethod
+    def peer(cls, jwk: Mapping[str, str], until: float) -> _VerifyingKey:
+        """Another replica's published public key, verifying while now < `until`.
+
+        Raises:
+            ValueError: not a public key of an algorithm the broker signs with.
+        """
+        algorithm = jwk.get("alg", "")
+        kid = jwk.get("kid", "")
+        if algorithm not in ALGORITHMS or not kid:
+            raise ValueError("a peer key needs a kid and alg ES256 or EdDSA")
+        public = {k: v for k, v in jwk.items() if k in ("kty", "crv", "x", "y", "kid", "alg", "use")}
+        try:
+            return cls(kid, algorithm, jwt.PyJWK(dict(public), algorithm), public, until)
+        except jwt.PyJWTError as e:
+            raise ValueError(f"peer key {kid}: {e}") from e
+
     def retired(self, until: float) -> _VerifyingKey:
         return _VerifyingKey(self.kid, self.algorithm, self.pyjwk, self.jwk, until)
 
@@ -95,10 +112,15 @@ class TokenMinter:
     def __init__(self, issuer: str, key: SigningKey) -> None:
         self.issuer = issuer
         self._ring = _KeyRing.build(key)
+        self._own_previous: set[str] = set()  # this minter's retired keys (peers' keys are not)
 
     @property
     def current_kid(self) -> str:
         return self._ring.current.kid
+
+    def public_jwk(self) -> dict[str, str]:
+        """The current signing key's public JWK (what replicas publish to one another)."""
+        return dict(self._ring.verifying[0].jwk)
 
     def mint(self, claims: Mapping[str, Any]) -> str:
         """Sign `claims` as given, with header {"alg", "typ": "at+jwt", "kid"}.
@@ -135,8 +157,30 @@ class TokenMinter:
         previous: tuple[_VerifyingKey, ...] = ()
         if keep_previous_until is not None:
             previous = (ring.verifying[0].retired(keep_previous_until), *ring.verifying[1:])
+            self._own_previous.add(ring.current.kid)
+        else:
+            self._own_previous.clear()
         self._ring = _KeyRing.build(new_key, previous)
         return new_key.kid
+
+    def set_peers(self, peers: list[tuple[Mapping[str, str], float]]) -> None:
+        """Verify (and serve in the JWKS) these other replicas' keys, each until its time.
+
+        Replaces the peers set before; this minter's own current and previous keys stay.
+        A key that does not parse is skipped.
+        """
+        ring = self._ring
+        own = {ring.current.kid} | {v.kid for v in ring.verifying[1:] if v.kid in self._own_previous}
+        kept = tuple(v for v in ring.verifying[1:] if v.kid in own)
+        found: list[_VerifyingKey] = []
+        for jwk, until in peers:
+            if jwk.get("kid") in own:
+                continue
+            try:
+                found.append(_VerifyingKey.peer(jwk, until))
+            except ValueError:
+                continue
+        self._ring = _KeyRing.build(ring.current, (*kept, *found))
 
     def prune(self, *, now: float) -> None:
         """Drop previous keys whose keep time has passed."""

@@ -50,6 +50,14 @@ class Leasing:
         self._clock = clock
         self._settings = settings
 
+    async def barrier(self) -> None:
+        """Bring this broker up to every change any replica has committed (a resumed watch).
+
+        Raises:
+            StoreUnavailable: the store cannot be reached.
+        """
+        await self._store.sync()
+
     async def renew(self, caller: Identity, lease_id: str, ttl_seconds: int) -> Issued:
         """A fresh token for the caller's lease, with policy re-checked.
 

@@ -1,0 +1,395 @@
+"""The PostgreSQL store: replicas that share one durable event log, and so act as one broker.
+
+Every command appends its batch in one transaction that first takes the append lock
+(`pg_advisory_xact_lock`), reads what other replicas appended since this replica last looked,
+plans the command against that current state, and inserts its events (`seq` from a bigserial).
+The lock makes commit order equal `seq` order, so checks such as "this task id is free" or "the
+parent lease is active" are decided once, against the truth, whichever replica asks.
+
+Each replica's table is rebuilt from the log at start and tailed afterwards: LISTEN on its own
+connection (with TCP keepalives) is only the wake-up, NOTIFY carries nothing but a sequence
+number, and a poll catches up whatever a lost notification did not announce. `sync()` is the
+read barrier of Introspect, Renew and delegation: one query for rows after the last one seen.
+
+Public signing keys are rows (`broker_keys`), refreshed on start, on an unknown kid and on a
+timer; each replica heartbeats its own, and a key is kept until no token it signed can still be
+valid. `Revoke all` deletes every key row and appends `KeysRevoked`, and each replica that
+reads it replaces its own key. When PostgreSQL cannot be reached every command and barrier
+raises `StoreUnavailable` (fail closed), health goes NOT_SERVING, and the tailer reconnects and
+catches up by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from broker.domain.clock import Clock
+from broker.domain.errors import BrokerError, StoreUnavailable
+from broker.leases.batch import Batch
+from broker.leases.events import Event, Lease
+from broker.leases.table import LeaseTable
+from broker.store.base import Committed, HealthListener
+from broker.store.codec import decode, encode
+from broker.store.schema import APPEND_LOCK, CHANNEL, ensure_schema
+from broker.tokens.minter import TokenMinter
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+KEYS_REVOKED = "KeysRevoked"
+KEY_PUBLISHED = "KeyPublished"
+# How often the tailer looks even without a notification, heartbeats its key and prunes.
+POLL_SECONDS = 1.0
+HOUSEKEEPING_SECONDS = 10.0
+POOL_TIMEOUT = 2.0
+READ_BATCH = 5000
+_CONNECT: dict[str, Any] = {
+    "connect_timeout": 3,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "options": "-c statement_timeout=10000",
+}
+_DB_ERRORS = (psycopg.Error, PoolTimeout, OSError)
+
+
+class PostgresStore:
+    """A replica's view of the shared store; `table` is its local copy of the log's state."""
+
+    def __init__(
+        self,
+        table: LeaseTable,
+        *,
+        dsn: str,
+        replica_id: str,
+        minter: TokenMinter,
+        clock: Clock,
+        key_lifetime: float,
+        event_retention: float,
+    ) -> None:
+        self.table = table
+        self.replica_id = replica_id
+        self.epoch = ""
+        self._dsn = dsn
+        self._minter = minter
+        self._clock = clock
+        self._key_lifetime = key_lifetime
+        self._retention = event_retention
+        self._pool: AsyncConnectionPool | None = None
+        self._applied = 0  # the last log row this replica has read (lease events or not)
+        self._writer = asyncio.Lock()
+        self._committed: list[Committed] = []
+        self._health: list[HealthListener] = []
+        self._healthy = False
+        self._tailer: asyncio.Task | None = None
+        self._refreshing: asyncio.Task | None = None
+        self._publish_pending = False
+        self._background: set[asyncio.Task] = set()
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    def on_committed(self, fn: Committed) -> None:
+        self._committed.append(fn)
+
+    def on_health(self, fn: HealthListener) -> None:
+        self._health.append(fn)
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy == self._healthy:
+            return
+        self._healthy = healthy
+        message = "lease store reachable" if healthy else "lease store unreachable"
+        log.warning(message, extra={"replica": self.replica_id})
+        for fn in self._health:
+            fn(healthy)
+
+    def _unavailable(self, error: BaseException) -> StoreUnavailable:
+        self._set_healthy(False)
+        log.warning("lease store call failed", extra={"error": type(error).__name__})
+        return StoreUnavailable("lease store unavailable: try again")
+
+    # -- start and stop
+
+    async def start(self) -> None:
+        """Create or upgrade the schema, read the whole log, publish this replica's key, tail.
+
+        Raises:
+            ConfigError: the schema is newer than this broker.
+            StoreUnavailable: PostgreSQL cannot be reached.
+        """
+        try:
+            async with await psycopg.AsyncConnection.connect(self._dsn, **_CONNECT) as conn:
+                await ensure_schema(conn)
+                row = await (await conn.execute("SELECT value FROM broker_meta WHERE name = 'epoch'")).fetchone()
+                self.epoch = str(row[0]) if row else ""
+            self._pool = AsyncConnectionPool(
+                self._dsn,
+                kwargs={**_CONNECT, "application_name": "broker"},
+                min_size=1,
+                max_size=8,
+                open=False,
+                timeout=POOL_TIMEOUT,
+                check=AsyncConnectionPool.check_connection,
+                reconnect_timeout=float("inf"),
+            )
+            await self._pool.open(wait=True, timeout=10)
+            await self.sync()
+            await self._publish_key()
+            await self.refresh_keys()
+        except _DB_ERRORS as e:
+            await self.close()
+            raise StoreUnavailable(f"lease store unreachable at start: {type(e).__name__}") from e
+        self._set_healthy(True)
+        self._tailer = asyncio.create_task(self._tail(), name="store-tailer")
+
+    async def close(self) -> None:
+        for task in (self._tailer, self._refreshing, *self._background):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._tailer = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    # -- commands
+
+    async def execute(self, plan: Callable[[Batch], T]) -> T:
+        async with self._writer:
+            batch: Batch | None = None
+            try:
+                async with self._connection() as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+                    await self._read_new(conn)
+                    batch = Batch(self.table)
+                    result = plan(batch)
+                    seqs = await self._append(conn, batch.events) if batch.events else []
+                    if self._publish_pending:
+                        await self._insert_key(conn)
+            except _DB_ERRORS as e:
+                if batch is not None:
+                    batch.restore()
+                raise self._unavailable(e) from e
+            except BaseException:
+                if batch is not None:
+                    batch.restore()
+                raise
+        self._publish_pending = False
+        for seq, event in zip(seqs, batch.events, strict=True):
+            self.table.apply_at(seq, event)
+            self._applied = max(self._applied, seq)
+        self._tell(batch.events)
+        return result
+
+    def _tell(self, events: list[Event]) -> None:
+        for event in events:
+            for fn in self._committed:
+                fn(event)
+
+    async def _append(self, conn: psycopg.AsyncConnection, events: list[Event]) -> list[int]:
+        kinds, bodies = zip(*(encode(e) for e in events), strict=True)
+        cur = await conn.execute(
+            "INSERT INTO broker_events (replica, kind, body) "
+            "SELECT %s, k, b::jsonb FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(k, b, n) ORDER BY n "
+            "RETURNING seq",
+            (self.replica_id, list(kinds), list(bodies)),
+        )
+        seqs = sorted(row[0] for row in await cur.fetchall())
+        # The payload is only a wake-up: a sequence number, never a lease's content.
+        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seqs[-1])))
+        return seqs
+
+    async def expire(self, now: float, *, limit: int) -> list[Lease]:
+        # Probe locally first: most due entries are stale here (another replica ended the lease,
+        # or it was renewed), and a pass that would append nothing needs no transaction.
+        probe = Batch(self.table)
+        probe.expire_due(now, limit=limit)
+        if not probe.events:
+            return []
+        probe.restore()
+        return await self.execute(lambda b: b.expire_due(now, limit=limit))
+
+    # -- reading the log
+
+    @contextlib.asynccontextmanager
+    async def _connection(self):  # type: ignore[no-untyped-def]
+        if self._pool is None:
+            raise StoreUnavailable("lease store is not started")
+        async with self._pool.connection(timeout=POOL_TIMEOUT) as conn:
+            yield conn
+
+    async def sync(self) -> None:
+        try:
+            async with self._connection() as conn:
+                await self._read_new(conn)
+        except _DB_ERRORS as e:
+            raise self._unavailable(e) from e
+
+    async def _read_new(self, conn: psycopg.AsyncConnection) -> None:
+        while True:
+            cur = await conn.execute(
+                "SELECT seq, kind, body FROM broker_events WHERE seq > %s ORDER BY seq LIMIT %s",
+                (self._applied, READ_BATCH),
+            )
+            rows = await cur.fetchall()
+            self._apply_rows(rows)
+            if len(rows) < READ_BATCH:
+                return
+
+    def _apply_rows(self, rows: list[tuple[int, str, Any]]) -> None:
+        # No await in here: rows are applied in seq order, each once, whoever fetched them.
+        for seq, kind, body in rows:
+            if seq <= self._applied:
+                continue
+            self._applied = seq
+            if kind == KEYS_REVOKED:
+                self._on_keys_revoked(body)
+            elif kind == KEY_PUBLISHED:
+                self._spawn(self.refresh_keys())
+            else:
+                try:
+                    event = decode(kind, body)
+                except ValueError:
+                    log.error("unreadable event in the log skipped", extra={"seq": seq, "kind": kind})
+                    continue
+                self.table.apply_at(seq, event)
+
+    # -- keys
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _on_keys_revoked(self, body: Any) -> None:
+        # Every replica replaces its own key and forgets the others'; the new keys follow.
+        kid = self._minter.rotate(keep_previous_until=None)
+        log.info("signing key replaced after revoke all", extra={"kid": kid, "by": body.get("replica")})
+        self._publish_pending = True
+        self._spawn(self._publish_later())
+
+    async def _publish_later(self) -> None:
+        with contextlib.suppress(BrokerError):
+            await self.execute(lambda batch: None)  # appends the pending key in a transaction
+
+    async def rotate_keys(self) -> str:
+        """Revoke all: delete every published key and tell every replica to replace its own.
+
+        Raises:
+            StoreUnavailable: the store cannot be reached.
+        """
+        at = self._clock.now()
+        body = json.dumps({"replica": self.replica_id, "at": at})
+        async with self._writer:
+            try:
+                async with self._connection() as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+                    await self._read_new(conn)
+                    await conn.execute("DELETE FROM broker_keys")
+                    kid = self._minter.rotate(keep_previous_until=None)
+                    cur = await conn.execute(
+                        "INSERT INTO broker_events (replica, kind, body) VALUES (%s, %s, %s::jsonb) RETURNING seq",
+                        (self.replica_id, KEYS_REVOKED, body),
+                    )
+                    row = await cur.fetchone()
+                    await self._insert_key(conn)
+                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(row[0] if row else 0)))
+            except _DB_ERRORS as e:
+                raise self._unavailable(e) from e
+        self._applied = max(self._applied, int(row[0])) if row else self._applied
+        return kid
+
+    async def _publish_key(self) -> None:
+        async with self._writer, self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+            await self._insert_key(conn)
+
+    async def _insert_key(self, conn: psycopg.AsyncConnection) -> None:
+        jwk = self._minter.public_jwk()
+        await conn.execute(
+            "INSERT INTO broker_keys (kid, replica, jwk, alive_at) VALUES (%s, %s, %s::jsonb, %s) "
+            "ON CONFLICT (kid) DO UPDATE SET alive_at = EXCLUDED.alive_at",
+            (jwk["kid"], self.replica_id, json.dumps(jwk), self._clock.now()),
+        )
+        await conn.execute(
+            "INSERT INTO broker_events (replica, kind, body) VALUES (%s, %s, %s::jsonb)",
+            (self.replica_id, KEY_PUBLISHED, json.dumps({"kid": jwk["kid"]})),
+        )
+        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, "key"))
+        self._publish_pending = False
+
+    async def refresh_keys(self) -> None:
+        """Learn the live public keys of every replica; concurrent callers share one query.
+
+        Raises:
+            StoreUnavailable: the store cannot be reached.
+        """
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._load_keys())
+        try:
+            await asyncio.shield(self._refreshing)
+        except _DB_ERRORS as e:
+            raise self._unavailable(e) from e
+
+    async def _load_keys(self) -> None:
+        oldest = self._clock.now() - self._key_lifetime
+        async with self._connection() as conn:
+            cur = await conn.execute("SELECT jwk, alive_at FROM broker_keys WHERE alive_at > %s", (oldest,))
+            rows = await cur.fetchall()
+        self._minter.set_peers([(jwk, float(alive) + self._key_lifetime) for jwk, alive in rows])
+
+    async def _housekeeping(self, conn: psycopg.AsyncConnection) -> None:
+        now = self._clock.now()
+        await conn.execute(
+            "UPDATE broker_keys SET alive_at = %s WHERE kid = %s", (now, self._minter.current_kid)
+        )
+        await conn.execute("DELETE FROM broker_keys WHERE alive_at < %s", (now - self._key_lifetime,))
+        # Events older than any task's life plus the tombstone grace describe only forgotten state.
+        await conn.execute(
+            "DELETE FROM broker_events WHERE committed_at < now() - make_interval(secs => %s)", (self._retention,)
+        )
+        await self._load_keys()
+
+    # -- tailing
+
+    async def _tail(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, **_CONNECT) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    await self._read_new(conn)  # whatever was missed while not listening
+                    self._set_healthy(True)
+                    backoff = 0.2
+                    await self._follow(conn)
+            except asyncio.CancelledError:
+                raise
+            except _DB_ERRORS as e:
+                self._set_healthy(False)
+                log.warning("lease store tailer lost its connection", extra={"error": type(e).__name__})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _follow(self, conn: psycopg.AsyncConnection) -> None:
+        loop = asyncio.get_running_loop()
+        next_housekeeping = loop.time()
+        while True:
+            async for _ in conn.notifies(timeout=POLL_SECONDS, stop_after=1):
+                pass
+            await self._read_new(conn)
+            self._set_healthy(True)
+            if loop.time() >= next_housekeeping:
+                await self._housekeeping(conn)
+                next_housekeeping = loop.time() + HOUSEKEEPING_SECONDS
