@@ -59,7 +59,8 @@ _CONNECT: dict[str, Any] = {
     "keepalives_count": 3,
     "options": "-c statement_timeout=10000",
 }
-_DB_ERRORS = (psycopg.Error, PoolTimeout, OSError)
+# Unreachable or failing in transit: the store is unavailable. Other database errors are bugs.
+_DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError)
 
 
 class PostgresStore:
@@ -202,7 +203,7 @@ class PostgresStore:
         kinds, bodies = zip(*(encode(e) for e in events), strict=True)
         cur = await conn.execute(
             "INSERT INTO broker_events (replica, kind, body) "
-            "SELECT %s, k, b::jsonb FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(k, b, n) ORDER BY n "
+            "SELECT %s, k, b FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(k, b, n) ORDER BY n "
             "RETURNING seq",
             (self.replica_id, list(kinds), list(bodies)),
         )
@@ -250,17 +251,17 @@ class PostgresStore:
 
     def _apply_rows(self, rows: list[tuple[int, str, Any]]) -> None:
         # No await in here: rows are applied in seq order, each once, whoever fetched them.
-        for seq, kind, body in rows:
+        for seq, kind, text in rows:
             if seq <= self._applied:
                 continue
             self._applied = seq
             if kind == KEYS_REVOKED:
-                self._on_keys_revoked(body)
+                self._on_keys_revoked(seq)
             elif kind == KEY_PUBLISHED:
                 self._spawn(self.refresh_keys())
             else:
                 try:
-                    event = decode(kind, body)
+                    event = decode(kind, json.loads(text))
                 except ValueError:
                     log.error("unreadable event in the log skipped", extra={"seq": seq, "kind": kind})
                     continue
@@ -273,10 +274,10 @@ class PostgresStore:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _on_keys_revoked(self, body: Any) -> None:
+    def _on_keys_revoked(self, seq: int) -> None:
         # Every replica replaces its own key and forgets the others'; the new keys follow.
         kid = self._minter.rotate(keep_previous_until=None)
-        log.info("signing key replaced after revoke all", extra={"kid": kid, "by": body.get("replica")})
+        log.info("signing key replaced after revoke all", extra={"kid": kid, "seq": seq})
         self._publish_pending = True
         self._spawn(self._publish_later())
 
@@ -300,7 +301,7 @@ class PostgresStore:
                     await conn.execute("DELETE FROM broker_keys")
                     kid = self._minter.rotate(keep_previous_until=None)
                     cur = await conn.execute(
-                        "INSERT INTO broker_events (replica, kind, body) VALUES (%s, %s, %s::jsonb) RETURNING seq",
+                        "INSERT INTO broker_events (replica, kind, body) VALUES (%s, %s, %s) RETURNING seq",
                         (self.replica_id, KEYS_REVOKED, body),
                     )
                     row = await cur.fetchone()
@@ -324,7 +325,7 @@ class PostgresStore:
             (jwk["kid"], self.replica_id, json.dumps(jwk), self._clock.now()),
         )
         await conn.execute(
-            "INSERT INTO broker_events (replica, kind, body) VALUES (%s, %s, %s::jsonb)",
+            "INSERT INTO broker_events (replica, kind, body) VALUES (%s, %s, %s)",
             (self.replica_id, KEY_PUBLISHED, json.dumps({"kid": jwk["kid"]})),
         )
         await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, "key"))

@@ -26,7 +26,7 @@ MIGRATIONS: tuple[str, ...] = (
         seq bigserial PRIMARY KEY,
         replica text NOT NULL,
         kind text NOT NULL,
-        body jsonb NOT NULL,
+        body text NOT NULL,  -- JSON as text: jsonb refuses NUL characters, which a claim may hold
         committed_at timestamptz NOT NULL DEFAULT now()
     );
     CREATE TABLE broker_keys (

@@ -255,6 +255,11 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def postgres_store(dsn: str, replica_id: str) -> str:
+    """The `[store]` section of a replica sharing the database at `dsn`."""
+    return f'\n[store]\nbackend = "postgres"\ndsn = "{dsn}"\nreplica_id = "{replica_id}"\n'
+
+
 def run_harness(material: Material, folder: Path, **kw) -> Iterator[Harness]:
     config = write_config(material, folder, **kw)
     broker = RunningBroker(config, FakeClock())

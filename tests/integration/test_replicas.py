@@ -1,0 +1,191 @@
+"""Several brokers on one PostgreSQL act as one: each point is checked across two or three replicas."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import jwt
+import pytest
+
+from broker._proto import broker_pb2 as pb
+from broker.testing.clock import FakeClock
+from tests.support.harness import (
+    PLANNER,
+    RESOURCE_SERVER_ID,
+    WORKER,
+    Harness,
+    Material,
+    RunningBroker,
+    postgres_store,
+    write_config,
+)
+
+REPO = "repo:org/app"
+ACCESS = "urn:ietf:params:oauth:token-type:access_token"
+
+
+def request(task_id: str = "task-1", actions=("repo:read",), **kw) -> pb.ExchangeRequest:
+    return pb.ExchangeRequest(task_id=task_id, audience=RESOURCE_SERVER_ID, actions=list(actions), resource=REPO, **kw)
+
+
+@pytest.fixture
+def replicas(material: Material, tmp_path: Path, pg_dsn: str) -> Iterator[list[Harness]]:
+    clock = FakeClock()
+    started: list[Harness] = []
+    try:
+        for name in ("a", "b", "c"):
+            folder = tmp_path / name
+            folder.mkdir()
+            config = write_config(material, folder, extra=postgres_store(pg_dsn, name))
+            started.append(Harness(broker=RunningBroker(config, clock), material=material))
+        yield started
+    finally:
+        for harness in started:
+            harness.close()
+            harness.broker.stop()
+
+
+def active(harness: Harness, token: str) -> bool:
+    return harness.agent(RESOURCE_SERVER_ID).Introspect(pb.IntrospectRequest(token=token), timeout=5).active
+
+
+def test_a_token_minted_by_one_replica_verifies_and_introspects_on_every_replica(replicas: list[Harness]) -> None:
+    a, b, c = replicas
+    resp = a.agent(PLANNER).Exchange(request(), timeout=5)
+    assert all(active(h, resp.access_token) for h in replicas)
+    for h in (b, c):
+        jwks = json.loads(h.agent(RESOURCE_SERVER_ID).GetJWKS(pb.GetJWKSRequest(), timeout=5).jwks_json)
+        kid = jwt.get_unverified_header(resp.access_token)["kid"]
+        key = next(jwt.PyJWK(k) for k in jwks["keys"] if k["kid"] == kid)
+        claims = jwt.decode(resp.access_token, key, algorithms=["ES256"], audience=RESOURCE_SERVER_ID)
+        assert claims["jti"] == resp.lease_id
+
+
+def test_a_revocation_that_returned_on_one_replica_is_seen_on_every_other_at_once(replicas: list[Harness]) -> None:
+    a, b, c = replicas
+    parent = a.agent(PLANNER).Exchange(request(actions=("repo:read", "repo:write")), timeout=5)
+    assert b.operator().Revoke(pb.RevokeRequest(lease_id=parent.lease_id), timeout=5).revoked_count == 1
+    # No wait of any kind: the very next call on another replica must know.
+    assert not active(c, parent.access_token) and not active(a, parent.access_token)
+    with pytest.raises(grpc.RpcError) as renew:
+        a.agent(PLANNER).Renew(pb.RenewRequest(lease_id=parent.lease_id), timeout=5)
+    assert renew.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as delegate:
+        c.agent(WORKER).Exchange(
+            pb.ExchangeRequest(actions=["repo:read"], subject_token=parent.access_token, subject_token_type=ACCESS),
+            timeout=5,
+        )
+    assert delegate.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_complete_task_on_one_replica_ends_the_task_everywhere(replicas: list[Harness]) -> None:
+    a, b, _ = replicas
+    resp = a.agent(PLANNER).Exchange(request(task_id="done"), timeout=5)
+    assert b.agent(PLANNER).CompleteTask(pb.CompleteTaskRequest(task_id="done"), timeout=5).revoked_count == 1
+    assert not active(a, resp.access_token)
+    with pytest.raises(grpc.RpcError) as err:
+        a.agent(PLANNER).Exchange(request(task_id="done"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+class _Watch:
+    def __init__(self, harness: Harness, **kw) -> None:
+        self.call = harness.agent(RESOURCE_SERVER_ID).WatchRevocations(pb.WatchRevocationsRequest(**kw), timeout=30)
+        self.call.initial_metadata()
+        self.events: list[pb.RevocationEvent] = []
+        self.got = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self.call:
+                with self.got:
+                    self.events.append(event)
+                    self.got.notify_all()
+        except grpc.RpcError:
+            pass
+
+    def wait(self, n: int, timeout: float = 10.0) -> list[pb.RevocationEvent]:
+        with self.got:
+            assert self.got.wait_for(lambda: len(self.events) >= n, timeout), f"got {len(self.events)} of {n}"
+            return list(self.events)
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._thread.join(5)
+
+
+def test_every_watcher_on_every_replica_gets_every_end_once_with_the_same_cursor(replicas: list[Harness]) -> None:
+    a, b, c = replicas
+    watches = [_Watch(h) for h in replicas]
+    try:
+        ids = [a.agent(PLANNER).Exchange(request(task_id=f"w{i}"), timeout=5).lease_id for i in range(3)]
+        b.operator().Revoke(pb.RevokeRequest(lease_id=ids[0]), timeout=5)
+        c.agent(PLANNER).CompleteTask(pb.CompleteTaskRequest(task_id="w1"), timeout=5)
+        a.operator().Revoke(pb.RevokeRequest(task_id="w2"), timeout=5)
+        seen = [[(e.lease_id, e.reason, e.cursor) for e in w.wait(3)] for w in watches]
+        assert seen[0] == seen[1] == seen[2]
+        assert [s[0] for s in seen[0]] == ids
+        # A watcher may resume on any replica with a cursor another one handed out.
+        resumed = _Watch(c, resume_after=seen[0][0][2])
+        assert [e.lease_id for e in resumed.wait(2)] == ids[1:]
+        resumed.close()
+    finally:
+        for w in watches:
+            w.close()
+
+
+def test_two_replicas_racing_to_open_one_task_give_exactly_one_owner(replicas: list[Harness]) -> None:
+    a, b, _ = replicas
+    planner, worker = a.agent(PLANNER), b.agent(WORKER)
+
+    def claim(stub, task_id):
+        try:
+            return stub.Exchange(request(task_id=task_id), timeout=10).state
+        except grpc.RpcError as e:
+            return e.code()
+
+    with ThreadPoolExecutor(4) as pool:
+        for i in range(8):
+            answers = list(pool.map(claim, (planner, worker), (f"race-{i}",) * 2))
+            assert sorted(map(str, answers)) == sorted(["ISSUED", str(grpc.StatusCode.PERMISSION_DENIED)])
+
+
+def test_expiry_happens_once_and_is_audited_once_whatever_replicas_run(replicas: list[Harness]) -> None:
+    a, b, _ = replicas
+    resp = a.agent(PLANNER).Exchange(request(task_id="exp", ttl_seconds=60), timeout=5)
+    watch = _Watch(b)
+    try:
+        a.clock.advance(61)  # one clock for all three: every reaper is due at once
+        [event] = watch.wait(1)
+        assert (event.lease_id, event.reason) == (resp.lease_id, "EXPIRED")
+    finally:
+        watch.close()
+    for h in replicas:
+        h.broker.settle()
+    records = []
+    for h in replicas:
+        path = Path(h.broker.config_path).parent / "audit.jsonl"
+        records += [json.loads(line) for line in path.read_text().splitlines()]
+    expired = [r for r in records if r["kind"] == "lease.expired" and r["lease_id"] == resp.lease_id]
+    assert len(expired) == 1
+
+
+def test_revoke_all_on_one_replica_rotates_every_replicas_key(replicas: list[Harness]) -> None:
+    a, b, c = replicas
+    old = set()
+    for h in replicas:
+        jwks = json.loads(h.agent(RESOURCE_SERVER_ID).GetJWKS(pb.GetJWKSRequest(), timeout=5).jwks_json)
+        old |= {k["kid"] for k in jwks["keys"]}
+    tokens = [h.agent(PLANNER).Exchange(request(task_id=f"all-{i}")).access_token for i, h in enumerate(replicas)]
+    b.operator().Revoke(pb.RevokeRequest(all=True), timeout=5)
+    assert not any(active(h, t) for h in replicas for t in tokens)
+    fresh = c.agent(PLANNER).Exchange(request(task_id="after"), timeout=5)
+    assert jwt.get_unverified_header(fresh.access_token)["kid"] not in old
+    assert active(a, fresh.access_token)
