@@ -16,6 +16,17 @@ from broker.jose.jws import parse_token, verify_token
 from broker.jose.keys import KeySet
 
 
+# JWT-SVID 2.3: `typ`, when present, is one of these. Anything else (an RFC 9068 "at+jwt" access
+# token above all) is some other kind of token and must not pass as a workload's identity document.
+TYPES = frozenset({"JWT", "JOSE"})
+
+
+def _check_type(header: Mapping[str, Any]) -> None:
+    typ = header.get("typ", "JWT")
+    if not isinstance(typ, str) or typ not in TYPES:
+        raise CredentialRejected("jwt-svid: typ must be JWT or JOSE")
+
+
 def _subject(payload: Mapping[str, Any]) -> SpiffeId:
     sub = payload.get("sub")
     if sub is None:
@@ -53,6 +64,7 @@ class JwtSvidVerifier:
             CredentialRejected: the token breaks a rule; the reason names it.
         """
         parsed = parse_token(token)
+        _check_type(parsed.header)
         spiffe_id = _subject(parsed.payload)
         domain = spiffe_id.trust_domain.name
         keys = self._keys.get(domain)
