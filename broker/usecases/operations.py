@@ -13,7 +13,15 @@ from broker.approvals.store import Approval, ApprovalStore
 from broker.domain.clock import Clock
 from broker.domain.errors import InvalidRequest, LeaseNotFound, PermissionDenied
 from broker.domain.identity import Identity
-from broker.domain.intent import Limits, check_actions, check_context, check_task_id
+from broker.domain.intent import (
+    Limits,
+    check_actions,
+    check_context,
+    check_lease_id,
+    check_principal,
+    check_resource,
+    check_task_id,
+)
 from broker.leases.table import Lease, LeaseTable, Reason
 from broker.ops.audit import AuditLog
 from broker.policy.engine import Decision, EntityRef, PolicyEngine
@@ -184,7 +192,8 @@ class Admin:
         return len(changed)
 
     def revoke_lease(self, operator: Identity, lease_id: str, note: str) -> int:
-        """Raises: LeaseNotFound."""
+        """Raises: InvalidRequest for an ill-formed lease id, LeaseNotFound."""
+        check_lease_id(lease_id)
         now = self._clock.now()
         changed = self._leases.revoke(lease_id, Reason.OPERATOR, now=now, initiator=operator.principal)
         return self._revoked(operator, "lease_id", lease_id, note, changed)
@@ -197,9 +206,8 @@ class Admin:
         return self._revoked(operator, "task_id", task_id, note, changed)
 
     def revoke_subject(self, operator: Identity, subject: str, note: str) -> int:
-        """Raises: InvalidRequest for an empty subject."""
-        if not subject:
-            raise InvalidRequest("subject is required")
+        """Raises: InvalidRequest for a subject that is no well-formed principal id."""
+        check_principal(subject, "subject")
         now = self._clock.now()
         changed = self._leases.revoke_subject(subject, Reason.OPERATOR, now=now, initiator=operator.principal)
         return self._revoked(operator, "subject", subject, note, changed)
@@ -216,11 +224,12 @@ class Admin:
         """A dry run of one decision; changes nothing.
 
         Raises:
-            InvalidRequest: a missing principal, action or resource, or a bad context.
+            InvalidRequest: a missing or ill-formed principal, action or resource (the rules of
+                Exchange), or a bad context.
         """
-        if not principal or not resource:
-            raise InvalidRequest("principal and resource are required")
+        check_principal(principal)
         check_actions([action], _ONE)
+        check_resource(resource)
         return self._policy.decide(
             principal, action, resource, dry_run_context(principal, check_context(context, _CONTEXT))
         )

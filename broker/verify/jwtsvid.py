@@ -15,7 +15,6 @@ from broker.domain.identity import AuthKind, Identity, SpiffeId, TrustDomain
 from broker.jose.jws import parse_token, verify_token
 from broker.jose.keys import KeySet
 
-
 # JWT-SVID 2.3: `typ`, when present, is one of these. Anything else (an RFC 9068 "at+jwt" access
 # token above all) is some other kind of token and must not pass as a workload's identity document.
 TYPES = frozenset({"JWT", "JOSE"})

@@ -23,6 +23,7 @@ from broker.config.settings import check_subject_template
 from broker.domain.clock import Clock, SystemClock
 from broker.domain.errors import ConfigError, CredentialRejected, IssuerUnavailable
 from broker.domain.identity import AuthKind, Identity
+from broker.domain.intent import CONTROL_CHARS
 from broker.jose.jws import UnverifiedToken, parse_token, verify_token
 from broker.jose.keys import KeySet
 
@@ -255,6 +256,10 @@ class OidcVerifier:
         sub = claims["sub"]
         if not isinstance(sub, str) or not sub:
             raise CredentialRejected("oidc: sub must be a non-empty string")
+        if CONTROL_CHARS.search(sub):
+            # The principal must stay nameable: an operator revokes by subject, and CheckPolicy,
+            # like Revoke, refuses control characters in a principal id.
+            raise CredentialRejected("oidc: sub must not contain control characters")
         return Identity(
             principal=self._template.format(iss=self.issuer, sub=sub),
             kind=AuthKind.OIDC,
