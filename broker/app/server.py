@@ -18,6 +18,7 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.api.admin import BrokerAdminServicer
 from broker.api.auth import Authenticator, Listener
+from broker.api.guard import CallGuard, Slots
 from broker.api.http import HttpListener
 from broker.api.servicers import CredentialBrokerServicer
 from broker.approvals.store import ApprovalStore
@@ -49,6 +50,7 @@ MAX_METADATA_BYTES = 32 * 1024
 # Ended leases stay visible (Introspect "inactive", Renew FAILED_PRECONDITION, ListLeases --all)
 # this long after their last token's exp, then are forgotten: memory stays bounded under churn.
 TOMBSTONE_GRACE_SECONDS = 300.0
+PENDING_QUEUE_FLOOR = 10_000
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["CredentialBroker"].full_name,
     pb.DESCRIPTOR.services_by_name["BrokerAdmin"].full_name,
@@ -114,6 +116,7 @@ class BrokerApp:
     reaper: Reaper
     verifiers: Verifiers
     limiter: RateLimiter
+    slots: Slots | None = None
     servers: dict[Listener, aio.Server] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     http: HttpListener | None = None
@@ -129,6 +132,8 @@ class BrokerApp:
             _read(td.bundle, f"trust_domains[{i}].bundle") for i, td in enumerate(self.config.trust_domains)
         )
         self.health = health.aio.HealthServicer()
+        # Shared by both listeners: the concurrency limit is the process's, not a port's.
+        self.slots = Slots(self.config.limits.max_concurrent_rpcs)
         mtls = grpc.ssl_server_credentials([(key, cert_chain)], root_certificates=roots, require_client_auth=True)
         self.ports["mtls"] = await self._serve(Listener.MTLS, cfg.listen, mtls)
         if cfg.token_listen:
@@ -147,10 +152,16 @@ class BrokerApp:
 
     async def _serve(self, listener: Listener, address: str, creds: grpc.ServerCredentials) -> int:
         server = aio.server(
+            interceptors=[CallGuard(self.slots)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
                 ("grpc.so_reuseport", 0),
+                # gRPC core cancels calls that wait unmatched beyond its pending queue (1,000 by
+                # default): a burst would end as CANCELLED before the guard could refuse it with
+                # a reason. A deeper queue lets every call reach the guard (or its deadline).
+                ("grpc.server.max_pending_requests", self._pending_limit()),
+                ("grpc.server.max_pending_requests_hard_limit", self._pending_limit()),
             ]
         )
         auth = Authenticator(
@@ -185,6 +196,9 @@ class BrokerApp:
         await server.start()
         self.servers[listener] = server
         return port
+
+    def _pending_limit(self) -> int:
+        return max(PENDING_QUEUE_FLOOR, 10 * self.config.limits.max_concurrent_rpcs)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting calls, let running ones finish for `grace` seconds, stop the loops."""

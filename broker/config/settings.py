@@ -17,6 +17,7 @@ from typing import Any
 
 from broker.config.reader import (
     Table,
+    check_issuer_url,
     check_listen,
     check_spiffe_pattern,
     check_url,
@@ -70,6 +71,9 @@ class TokensConfig:
     max_task_lifetime: float = 28800
     max_delegation_depth: int = 3
     clock_skew: float = 30
+    # The https issuer URL: `iss` of minted tokens and of the discovery document. None: the
+    # broker's SPIFFE ID is `iss`, and no discovery document is served.
+    issuer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +88,14 @@ class AdminConfig:
     introspectors: tuple[str, ...] = ()
 
 
+AUDIT_ON_FAILURE = ("refuse", "continue")
+
+
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
     path: str = "-"  # "-" is stdout, else an absolute file path
+    # "refuse": no issuance, renewal or approval that cannot be recorded; "continue": log and go on.
+    on_failure: str = "refuse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +113,8 @@ class LimitsConfig:
     rate_burst: int = 100
     # Events buffered per WatchRevocations subscriber before it is cut off as too slow.
     watch_buffer: int = 1024
+    # Unary calls running at once across the listeners; one more is RESOURCE_EXHAUSTED at once.
+    max_concurrent_rpcs: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +208,16 @@ def _oidc_issuer(t: Table) -> OidcIssuerConfig:
 
 def _tokens(t: Table) -> TokensConfig:
     t.allow(
-        "signing_key", "algorithm", "default_ttl", "max_ttl", "max_task_lifetime", "max_delegation_depth", "clock_skew"
+        "signing_key",
+        "algorithm",
+        "default_ttl",
+        "max_ttl",
+        "max_task_lifetime",
+        "max_delegation_depth",
+        "clock_skew",
+        "issuer",
     )
+    issuer = t.string("issuer", None)
     d = TokensConfig()
     algorithm = t.string("algorithm", d.algorithm)
     if algorithm not in ALGORITHMS:
@@ -211,6 +230,7 @@ def _tokens(t: Table) -> TokensConfig:
         max_task_lifetime=t.duration("max_task_lifetime", d.max_task_lifetime),
         max_delegation_depth=t.integer("max_delegation_depth", d.max_delegation_depth, 0, MAX_DEPTH),
         clock_skew=t.duration("clock_skew", d.clock_skew),
+        issuer=None if issuer is None else check_issuer_url(issuer, t.sub("issuer")),
     )
     if tokens.default_ttl > tokens.max_ttl:
         raise ConfigError(t.sub("default_ttl"), "must not exceed tokens.max_ttl")
@@ -238,14 +258,17 @@ def _admin(t: Table) -> AdminConfig:
 
 
 def _audit(t: Table) -> AuditConfig:
-    t.allow("path")
+    t.allow("path", "on_failure")
+    on_failure = t.string("on_failure", AuditConfig().on_failure)
+    if on_failure not in AUDIT_ON_FAILURE:
+        raise ConfigError(t.sub("on_failure"), f"must be one of {', '.join(AUDIT_ON_FAILURE)}, not {on_failure!r}")
     value = t.string("path", "-")
     if value == "-":
-        return AuditConfig()
+        return AuditConfig(on_failure=on_failure)
     resolved = resolve_path(t.base, value)
     if not resolved.parent.is_dir():
         raise ConfigError(t.sub("path"), f"folder not found: {resolved.parent}")
-    return AuditConfig(path=str(resolved))
+    return AuditConfig(path=str(resolved), on_failure=on_failure)
 
 
 def _approvals(t: Table) -> ApprovalsConfig:
@@ -254,7 +277,15 @@ def _approvals(t: Table) -> ApprovalsConfig:
 
 
 def _limits(t: Table) -> LimitsConfig:
-    t.allow("max_context_entries", "max_context_bytes", "max_actions", "rate_per_second", "rate_burst", "watch_buffer")
+    t.allow(
+        "max_context_entries",
+        "max_context_bytes",
+        "max_actions",
+        "rate_per_second",
+        "rate_burst",
+        "watch_buffer",
+        "max_concurrent_rpcs",
+    )
     d = LimitsConfig()
     return LimitsConfig(
         max_context_entries=t.integer("max_context_entries", d.max_context_entries, 1),
@@ -263,6 +294,7 @@ def _limits(t: Table) -> LimitsConfig:
         rate_per_second=t.integer("rate_per_second", d.rate_per_second, 1),
         rate_burst=t.integer("rate_burst", d.rate_burst, 1),
         watch_buffer=t.integer("watch_buffer", d.watch_buffer, 1, 1_000_000),
+        max_concurrent_rpcs=t.integer("max_concurrent_rpcs", d.max_concurrent_rpcs, 1, 1_000_000),
     )
 
 

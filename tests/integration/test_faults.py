@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from broker._proto import broker_pb2 as pb
-from tests.support.harness import PLANNER, RESOURCE_SERVER_ID, Harness
+from tests.support.harness import BROKER_ID, PLANNER, RESOURCE_SERVER_ID, Harness, bearer, run_harness
 
 REPO = "repo:org/app"
 
@@ -72,3 +76,111 @@ def test_check_policy_refuses_an_oversized_context(harness: Harness) -> None:
     req = pb.CheckPolicyRequest(principal=PLANNER, action="repo:read", resource=REPO, context={"k": "v" * 5000})
     err = refused(lambda: harness.operator().CheckPolicy(req, timeout=5))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "context" in err.details()
+
+
+# ---- item 5: a request that is no protobuf is INVALID_ARGUMENT, on every RPC of both listeners ------------------
+
+GARBAGE = b"\xff\xff\xff\xff\x0f"   # a field tag whose varint never ends: no message parses from it
+
+
+@dataclass(frozen=True)
+class Method:
+    path: str
+    kind: str   # "unary", "stream" (server streaming) or "bidi"
+
+
+METHODS = [
+    Method("/broker.v1.CredentialBroker/Exchange", "unary"),
+    Method("/broker.v1.CredentialBroker/Introspect", "unary"),
+    Method("/broker.v1.CredentialBroker/AwaitApproval", "unary"),
+    Method("/broker.v1.CredentialBroker/WatchRevocations", "stream"),
+    Method("/broker.v1.BrokerAdmin/Revoke", "unary"),
+    Method("/grpc.health.v1.Health/Check", "unary"),
+    Method("/grpc.health.v1.Health/Watch", "stream"),
+    Method("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "bidi"),
+]
+
+
+def _send_garbage(channel: grpc.Channel, method: Method) -> grpc.RpcError:
+    # No serializers: the bytes go on the wire as they are.
+    if method.kind == "unary":
+        return refused(lambda: channel.unary_unary(method.path)(GARBAGE, timeout=5))
+    if method.kind == "stream":
+        return refused(lambda: list(channel.unary_stream(method.path)(GARBAGE, timeout=5)))
+    return refused(lambda: list(channel.stream_stream(method.path)(iter([GARBAGE]), timeout=5)))
+
+
+def _malformed_count(method: str) -> float:
+    return REGISTRY.get_sample_value("broker_rpc_malformed_total", {"method": method}) or 0.0
+
+
+@pytest.mark.parametrize("listener", ["mtls", "token"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.path.rsplit("/", 1)[1])
+def test_garbage_bytes_are_invalid_argument(harness: Harness, listener: str, method: Method) -> None:
+    channel = harness.mtls_channel(PLANNER) if listener == "mtls" else harness.token_channel()
+    before = _malformed_count(method.path)
+    err = _send_garbage(channel, method)
+    assert (err.code(), err.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
+    assert _malformed_count(method.path) == before + 1
+
+
+def test_a_flood_of_garbage_leaves_one_log_line(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    channel, token_channel = harness.mtls_channel(PLANNER), harness.token_channel()
+    _send_garbage(channel, METHODS[0])   # the connection is up before the log is watched
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    for i in range(200):
+        err = _send_garbage(channel if i % 2 else token_channel, METHODS[i % 2])
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    text = "\n".join(r.getMessage() + str(r.exc_info or "") for r in caplog.records)
+    assert len([r for r in caplog.records if "malformed" in r.getMessage()]) <= 1
+    assert "Traceback" not in caplog.text and "DecodeError" not in text and len(caplog.text) < 2000
+
+
+def test_a_well_formed_request_after_garbage_still_works(harness: Harness) -> None:
+    channel = harness.mtls_channel(PLANNER)
+    _send_garbage(channel, METHODS[0])
+    assert _exchange(harness, "after-garbage").state == "ISSUED"
+
+
+# ---- item 8: overload is RESOURCE_EXHAUSTED with a reason, counted ------------------------------------------
+
+
+@pytest.fixture
+def small_limit(material, tmp_path) -> Iterator[Harness]:
+    yield from run_harness(material, tmp_path, extra="[limits]\nmax_concurrent_rpcs = 4\n")
+
+
+def _overloaded() -> float:
+    return REGISTRY.get_sample_value("broker_rpc_overloaded_total", {"method": "Exchange"}) or 0.0
+
+
+def test_calls_over_the_concurrency_limit_are_resource_exhausted(small_limit: Harness) -> None:
+    oidc = small_limit.issuer.oidc()
+    token = oidc.id_token("alice", BROKER_ID, claims={"email": "alice@example.org"})
+    agent = small_limit.token_agent()
+    before = _overloaded()
+    done = threading.Semaphore(0)
+    oidc.hold()   # the issuer's keys do not arrive: every admitted exchange waits on the one fetch
+    try:
+        calls = [
+            agent.Exchange.future(
+                pb.ExchangeRequest(task_id=f"t{i}", audience=RESOURCE_SERVER_ID, actions=["repo:read"], resource=REPO),
+                timeout=20, metadata=bearer(token),
+            )
+            for i in range(40)
+        ]
+        for call in calls:
+            call.add_done_callback(lambda _: done.release())
+        # Four calls hold every slot until the keys come; the other 36 are answered meanwhile.
+        assert all(done.acquire(timeout=20) for _ in range(36))
+    finally:
+        oidc.release()
+    codes = [c.exception(timeout=20).code() if c.exception(timeout=20) else grpc.StatusCode.OK for c in calls]
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 30
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert codes.count(grpc.StatusCode.OK) >= 4
+    exhausted = [c.exception() for c in calls if c.exception() is not None]
+    assert all("overloaded" in e.details() for e in exhausted)
+    assert _overloaded() - before == len(exhausted)
+
