@@ -140,7 +140,13 @@ class BrokerApp:
             tls = grpc.ssl_server_credentials([(key, cert_chain)], require_client_auth=False)
             self.ports["token"] = await self._serve(Listener.TOKEN, cfg.token_listen, tls)
         if cfg.http_listen:
-            self.http = HttpListener(cfg.http_listen, minter=self.minter, leases=self.leases, issuer=str(cfg.spiffe_id))
+            self.http = HttpListener(
+                cfg.http_listen,
+                minter=self.minter,
+                leases=self.leases,
+                issuer=self.config.tokens.issuer,
+                algorithm=self.config.tokens.algorithm,
+            )
             try:
                 self.ports["http"] = self.http.start()
             except OSError as e:
@@ -148,7 +154,7 @@ class BrokerApp:
         for name in (*SERVICE_NAMES[:2], ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
-        log.info("broker serving", extra={"ports": dict(self.ports), "issuer": str(cfg.spiffe_id)})
+        log.info("broker serving", extra={"ports": dict(self.ports), "issuer": issuer_of(self.config)})
 
     async def _serve(self, listener: Listener, address: str, creds: grpc.ServerCredentials) -> int:
         server = aio.server(
@@ -226,6 +232,11 @@ class BrokerApp:
         self.audit.record("policy.reloaded", operator="signal:SIGHUP", policy_version=version)
 
 
+def issuer_of(config: Config) -> str:
+    """`iss` of minted tokens: `tokens.issuer` when set, else the broker's SPIFFE ID."""
+    return config.tokens.issuer or str(config.server.spiffe_id)
+
+
 def _limits(config: Config) -> Limits:
     lim = config.limits
     return Limits(
@@ -244,7 +255,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> BrokerApp:
     """
     # What reads a file is built here, before anything is wired: a bad config fails early.
     clock = clock or SystemClock()
-    minter = TokenMinter(str(config.server.spiffe_id), build_signing_key(config))
+    minter = TokenMinter(issuer_of(config), build_signing_key(config))
     policy = PolicyEngine.from_files(config.policy.file, config.policy.entities)
     audit = _open_audit(config, clock)
     verifiers = build_verifiers(config, clock)
@@ -262,7 +273,7 @@ def _open_audit(config: Config, clock: Clock) -> AuditLog:
 def _settings(config: Config) -> Settings:
     tokens = config.tokens
     return Settings(
-        issuer=str(config.server.spiffe_id),
+        issuer=issuer_of(config),
         default_ttl=tokens.default_ttl,
         max_ttl=tokens.max_ttl,
         max_task_lifetime=tokens.max_task_lifetime,

@@ -105,7 +105,9 @@ def make_material(folder: Path) -> Material:
     return Material(issuer=issuer, folder=folder, roots_pem=ca.bundle_pem())
 
 
-def write_config(material: Material, folder: Path, *, extra: str = "", http: bool = False) -> Path:
+def write_config(
+    material: Material, folder: Path, *, extra: str = "", http: bool = False, tokens_extra: str = ""
+) -> Path:
     oidc = material.issuer.oidc()
     m = material.folder
     config = folder / "broker.toml"
@@ -139,6 +141,7 @@ max_ttl = "1h"
 max_task_lifetime = "2h"
 max_delegation_depth = 3
 clock_skew = "30s"
+{tokens_extra}
 
 [policy]
 file = "{folder / 'policy.cedar'}"
