@@ -265,7 +265,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> BrokerApp:
 def _open_audit(config: Config, clock: Clock) -> AuditLog:
     """Raises: ConfigError when the audit log cannot be opened."""
     try:
-        return AuditLog.open(config.audit.path, clock=clock)
+        return AuditLog.open(config.audit.path, clock=clock, on_failure=config.audit.on_failure)
     except OSError as e:
         raise ConfigError("audit.path", f"cannot open {config.audit.path}: {e.strerror}") from e
 

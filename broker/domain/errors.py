@@ -35,6 +35,10 @@ class IssuerUnavailable(BrokerError):
     """An OIDC issuer's keys could not be fetched."""
 
 
+class AuditUnavailable(BrokerError):
+    """The audit trail cannot record this request, and `audit.on_failure` is "refuse"."""
+
+
 class PermissionDenied(BrokerError):
     """The caller is authenticated but may not do this (not an admin, not the audience)."""
 

@@ -36,6 +36,8 @@ class Reason(StrEnum):
     OPERATOR = "OPERATOR"
     PARENT_REVOKED = "PARENT_REVOKED"
     RENEWAL_DENIED = "RENEWAL_DENIED"
+    # Granted, but its token's audit record could not be written: the token was never handed out.
+    AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
 
 
 class TaskState(StrEnum):

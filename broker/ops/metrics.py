@@ -17,3 +17,4 @@ RPC_MALFORMED = Counter(
 RPC_OVERLOADED = Counter(
     "broker_rpc_overloaded", "Calls refused with RESOURCE_EXHAUSTED because too many were in flight", ["method"]
 )
+AUDIT_FAILED_WRITES = Counter("broker_audit_failed_writes", "Audit records that could not be written")

@@ -74,6 +74,7 @@ class Exchange:
             PolicyDenied: policy says no, or a delegation asks for more than its parent holds.
             PermissionDenied: the delegation chain would be deeper than allowed.
             LifetimeExhausted: no lifetime is left under the caps.
+            AuditUnavailable: the decision or the token cannot be recorded (audit.on_failure = "refuse").
         """
         try:
             plan = await self._plan(caller, intent)
@@ -205,7 +206,9 @@ class Exchange:
     def _decide(self, plan: Plan) -> Decision:
         intent = plan.intent
         decision = self._policy.decide_all(plan.subject, intent.actions, intent.resource, plan.context)
-        self._audit.record(
+        # A grant (or a held approval) needs its decision on record first; a refusal goes out regardless.
+        write = self._audit.require if decision.allowed else self._audit.record
+        write(
             "decision",
             principal=plan.subject,
             client_id=plan.caller.principal,

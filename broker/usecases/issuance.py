@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.domain.clock import Clock
-from broker.domain.errors import LifetimeExhausted
+from broker.domain.errors import AuditUnavailable, LifetimeExhausted
 from broker.domain.identity import Identity
 from broker.domain.intent import Intent, Lifetime, Limits, cap_ttl
 from broker.jose.jws import token_hash
-from broker.leases.table import Lease, LeaseTable
+from broker.leases.table import BROKER_INITIATOR, Lease, LeaseTable, Reason
 from broker.ops.audit import AuditLog
 from broker.policy.engine import Decision
 from broker.tokens.minter import TokenMinter
@@ -118,6 +118,8 @@ class Issuer:
             LifetimeExhausted: no lifetime left.
             LeaseInactive: the parent lease died meanwhile.
             TaskConflict: the task was closed or taken meanwhile.
+            AuditUnavailable: the token's record cannot be written; the lease is ended at once
+                (AUDIT_UNAVAILABLE) and the token never leaves.
         """
         # No await from here on: the checks and the grant are one atomic step on the event loop.
         now = self._clock.now()
@@ -150,12 +152,22 @@ class Issuer:
             ),
             now=now,
         )
-        return self.deliver(lease, now=now, cnf=plan.caller.x5t_s256, capped_by=lifetime.capped_by)
+        try:
+            return self.deliver(lease, now=now, cnf=plan.caller.x5t_s256, capped_by=lifetime.capped_by)
+        except AuditUnavailable:
+            # The decision was recorded just before; the disk failed in between. No authority
+            # may exist that the trail does not show, so the new lease ends here.
+            self._leases.revoke(lease.id, Reason.AUDIT_UNAVAILABLE, now=now, initiator=BROKER_INITIATOR)
+            raise
 
     def deliver(self, lease: Lease, *, now: float, cnf: str | None, capped_by: str, renewal: bool = False) -> Issued:
-        """Mint the token for a granted or renewed lease, and audit it by hash."""
+        """Mint the token for a granted or renewed lease, and audit it by hash before handing it out.
+
+        Raises:
+            AuditUnavailable: the record cannot be written (audit.on_failure = "refuse").
+        """
         token = self.mint(lease, now=now, cnf=cnf)
-        self._audit.record(
+        self._audit.require(
             "token.issued",
             lease_id=lease.id,
             task_id=lease.task_id,

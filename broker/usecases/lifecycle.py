@@ -55,6 +55,8 @@ class Leasing:
             LeaseInactive: the lease is revoked or expired.
             PolicyDenied: policy now refuses it (the lease is then revoked, RENEWAL_DENIED),
                 or it needs a fresh human approval.
+            AuditUnavailable: the decision or the token cannot be recorded; the lease is unchanged
+                unless the token's record failed after the decision's was written.
         """
         now = self._clock.now()
         lease = self._held_lease(caller, lease_id, now)
@@ -102,7 +104,9 @@ class Leasing:
                 or it needs a fresh human approval.
         """
         decision = self._policy.decide_all(lease.subject, lease.scope, lease.resource, context)
-        self._audit.record(
+        # A renewal needs its decision on record first; a refusal (and its revocation) goes ahead regardless.
+        renews = decision.allowed and not decision.approval_required
+        (self._audit.require if renews else self._audit.record)(
             "decision",
             principal=lease.subject,
             client_id=caller.principal,

@@ -248,12 +248,28 @@ class Admin:
         return self._approvals.list(include_decided=include_decided)
 
     def approve(self, operator: Identity, approval_id: str, note: str) -> Approval:
-        """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending, PermissionDenied (one's own request)."""
-        pending = self._approvals.get(approval_id)
-        if pending is not None and operator.principal in (pending.principal, pending.client_id):
+        """Approve a pending request; the approval is on record before it takes effect.
+
+        Raises:
+            ApprovalNotFound, ApprovalExpired, ApprovalNotPending: not a pending approval.
+            PermissionDenied: one's own request.
+            AuditUnavailable: the approval cannot be recorded (audit.on_failure = "refuse").
+        """
+        now = self._clock.now()
+        found = self._approvals.get(approval_id)
+        if found is not None and operator.principal in (found.principal, found.client_id):
             raise PermissionDenied("an operator cannot approve their own request")
-        approval = self._approvals.approve(approval_id, by=operator.principal, note=note, now=self._clock.now())
-        return self._decided("approval.approved", approval)
+        pending = self._approvals.pending(approval_id, now=now)
+        self._audit.require(
+            "approval.approved",
+            approval_id=pending.id,
+            operator=operator.principal,
+            note=note or None,
+            principal=pending.principal,
+            task_id=pending.task_id,
+        )
+        # No await between the record and the change: the approval cannot change meanwhile.
+        return self._approvals.approve(approval_id, by=operator.principal, note=note, now=now)
 
     def deny(self, operator: Identity, approval_id: str, note: str) -> Approval:
         """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -184,3 +186,74 @@ def test_calls_over_the_concurrency_limit_are_resource_exhausted(small_limit: Ha
     assert all("overloaded" in e.details() for e in exhausted)
     assert _overloaded() - before == len(exhausted)
 
+
+
+# ---- item 10: audit.on_failure = "refuse": no issuance that cannot be recorded -----------------------------
+
+
+@pytest.fixture
+def full_disk(material, tmp_path) -> Iterator[Harness]:
+    # /dev/full accepts the open and fails every write with ENOSPC: a full disk, for real.
+    yield from run_harness(material, tmp_path, audit_path="/dev/full")
+
+
+def test_exchange_while_the_audit_disk_is_full_is_unavailable(full_disk: Harness) -> None:
+    err = refused(lambda: _exchange(full_disk, "full"))
+    assert (err.code(), err.details()) == (grpc.StatusCode.UNAVAILABLE, "audit unavailable")
+    assert list(full_disk.operator().ListLeases(pb.ListLeasesRequest(include_inactive=True), timeout=5).leases) == []
+
+
+def test_revoke_proceeds_while_audit_fails(harness: Harness) -> None:
+    lease_id = _exchange(harness, "rv").lease_id
+    _break_audit(harness)
+    out = harness.operator().Revoke(pb.RevokeRequest(lease_id=lease_id, reason="incident"), timeout=5)
+    assert out.revoked_count == 1
+    assert harness.operator().GetLease(pb.GetLeaseRequest(lease_id=lease_id), timeout=5).state == "REVOKED"
+
+
+def test_approve_while_audit_fails_is_unavailable_and_leaves_it_pending(harness: Harness) -> None:
+    pending = harness.agent(PLANNER).Exchange(
+        pb.ExchangeRequest(task_id="dep", audience="service:app", actions=["deploy:prod"], resource="service:app"),
+        timeout=5,
+    )
+    assert pending.state == "PENDING_APPROVAL"
+    _break_audit(harness)
+    err = refused(lambda: harness.operator().Approve(pb.ApproveRequest(approval_id=pending.approval_id), timeout=5))
+    assert (err.code(), err.details()) == (grpc.StatusCode.UNAVAILABLE, "audit unavailable")
+    listed = harness.operator().ListApprovals(pb.ListApprovalsRequest(), timeout=5).approvals
+    assert [a.approval_id for a in listed] == [pending.approval_id]
+
+
+def test_issuance_recovers_once_audit_writes_succeed(harness: Harness) -> None:
+    sink = _break_audit(harness)
+    assert refused(lambda: _exchange(harness, "rec")).code() == grpc.StatusCode.UNAVAILABLE
+    sink.full = False
+    assert _exchange(harness, "rec").state == "ISSUED"
+    assert '"kind":"token.issued"' in sink.buffer.getvalue()
+
+
+class FullDisk:
+    """Stands in for the audit file: fails like a full disk while `full`."""
+
+    def __init__(self) -> None:
+        self.buffer = io.StringIO()
+        self.full = True
+        self.closed = False
+
+    def write(self, text: str) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.buffer.write(text)
+
+    def flush(self) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _break_audit(harness: Harness) -> FullDisk:
+    sink = FullDisk()
+    harness.broker.sync(setattr, harness.broker.app.audit, "_sink", sink)   # the OS edge: the file under the log
+    return sink

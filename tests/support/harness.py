@@ -106,7 +106,13 @@ def make_material(folder: Path) -> Material:
 
 
 def write_config(
-    material: Material, folder: Path, *, extra: str = "", http: bool = False, tokens_extra: str = ""
+    material: Material,
+    folder: Path,
+    *,
+    extra: str = "",
+    http: bool = False,
+    tokens_extra: str = "",
+    audit_path: str | None = None,
 ) -> Path:
     oidc = material.issuer.oidc()
     m = material.folder
@@ -152,7 +158,7 @@ spiffe_ids = ["spiffe://{TD}/operator/*"]
 introspectors = ["{INTROSPECTOR_ID}"]
 
 [audit]
-path = "{folder / 'audit.jsonl'}"
+path = "{audit_path or folder / 'audit.jsonl'}"
 {extra}
 """)
     (folder / "policy.cedar").write_text(POLICY)
