@@ -309,6 +309,10 @@ class Exchange:
         self._audit.record("approval.used", approval_id=approval.id, lease_id=issued.lease.id)
         return issued
 
+    def waiting(self, approval_id: str) -> int:
+        """How many AwaitApproval calls are waiting on `approval_id` right now."""
+        return len(self._waiters.get(approval_id, ()))
+
     async def _wait_for_change(self, approval_id: str) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(approval_id, []).append(fut)

@@ -190,6 +190,18 @@ class RunningBroker:
             return fn(*args, **kwargs)
         return self.call(run())
 
+    def until(self, predicate, timeout: float = 10.0) -> None:
+        """Wait until `predicate()`, evaluated on the broker's loop, holds; AssertionError after `timeout`."""
+
+        async def watch() -> None:
+            deadline = self.loop.time() + timeout
+            while not predicate():
+                if self.loop.time() > deadline:
+                    raise AssertionError("condition not reached in time")
+                await asyncio.sleep(0.005)
+
+        self.call(watch(), timeout=timeout + 5)
+
     def settle(self) -> None:
         """Let the loop run everything already scheduled (e.g. the reaper after a clock advance)."""
         for _ in range(3):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -355,12 +356,16 @@ def test_unknown_kid_while_the_issuer_is_down_is_unavailable(provider: OidcProvi
         verify(v, provider.id_token("alice", AUD, now=NOW), now=clock.now())
 
 
-def test_closed_port_is_unavailable(clock: FakeClock) -> None:
-    with OidcProvider() as gone:
-        token = gone.id_token("alice", AUD, now=NOW)
-        v = verifier(gone, clock)
-    with pytest.raises(IssuerUnavailable):
-        verify(v, token)
+def test_closed_port_is_unavailable(shared_provider: OidcProvider, clock: FakeClock) -> None:
+    # Bound but never listening, and held for the test: connections are refused, and no other
+    # process can take the port meanwhile (a released port could be anyone's by the time we connect).
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        issuer = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        v = OidcVerifier(OidcIssuerConfig(issuer=issuer, audience=AUD), fetcher=JwksFetcher(clock=clock))
+        token = shared_provider.id_token("alice", AUD, now=NOW, claims={"iss": issuer})
+        with pytest.raises(IssuerUnavailable):
+            verify(v, token)
 
 
 def test_jwks_uri_not_found_is_unavailable(shared_provider: OidcProvider, clock: FakeClock) -> None:
