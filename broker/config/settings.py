@@ -111,8 +111,11 @@ class LimitsConfig:
     # Per calling principal: a token bucket refilled at `rate_per_second`, holding `rate_burst`.
     rate_per_second: int = 50
     rate_burst: int = 100
-    # Events buffered per WatchRevocations subscriber before it is cut off as too slow.
-    watch_buffer: int = 1024
+    # Recent end events kept for watchers (shared by all): a watcher is cut off, and a resume
+    # refused, once events it has not read have left this window.
+    watch_buffer: int = 65536
+    # Open WatchRevocations streams one watcher principal may hold at once.
+    max_streams_per_watcher: int = 8
     # Unary calls running at once across the listeners; one more is RESOURCE_EXHAUSTED at once.
     max_concurrent_rpcs: int = 1000
 
@@ -285,6 +288,7 @@ def _limits(t: Table) -> LimitsConfig:
         "rate_burst",
         "watch_buffer",
         "max_concurrent_rpcs",
+        "max_streams_per_watcher",
     )
     d = LimitsConfig()
     return LimitsConfig(
@@ -293,8 +297,9 @@ def _limits(t: Table) -> LimitsConfig:
         max_actions=t.integer("max_actions", d.max_actions, 1),
         rate_per_second=t.integer("rate_per_second", d.rate_per_second, 1),
         rate_burst=t.integer("rate_burst", d.rate_burst, 1),
-        watch_buffer=t.integer("watch_buffer", d.watch_buffer, 1, 1_000_000),
         max_concurrent_rpcs=t.integer("max_concurrent_rpcs", d.max_concurrent_rpcs, 1, 1_000_000),
+        watch_buffer=t.integer("watch_buffer", d.watch_buffer, 1, 10_000_000),
+        max_streams_per_watcher=t.integer("max_streams_per_watcher", d.max_streams_per_watcher, 1, 10_000),
     )
 
 
