@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import io
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -14,6 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from broker._proto import broker_pb2 as pb
+from tests.support.faults import FullDisk
 from tests.support.harness import BROKER_ID, PLANNER, RESOURCE_SERVER_ID, Harness, bearer, run_harness
 
 REPO = "repo:org/app"
@@ -232,28 +231,7 @@ def test_issuance_recovers_once_audit_writes_succeed(harness: Harness) -> None:
     assert '"kind":"token.issued"' in sink.buffer.getvalue()
 
 
-class FullDisk:
-    """Stands in for the audit file: fails like a full disk while `full`."""
-
-    def __init__(self) -> None:
-        self.buffer = io.StringIO()
-        self.full = True
-        self.closed = False
-
-    def write(self, text: str) -> int:
-        if self.full:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return self.buffer.write(text)
-
-    def flush(self) -> None:
-        if self.full:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    def close(self) -> None:
-        self.closed = True
-
-
 def _break_audit(harness: Harness) -> FullDisk:
-    sink = FullDisk()
+    sink = FullDisk(full=True)
     harness.broker.sync(setattr, harness.broker.app.audit, "_sink", sink)   # the OS edge: the file under the log
     return sink

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import io
 from pathlib import Path
 
@@ -16,30 +15,13 @@ from broker.testing.clock import FakeClock
 from broker.testing.jwt_issuer import JwtSvidIssuer
 from broker.testing.x509_ca import SpiffeCA
 from broker.usecases.issuance import ISSUED, PENDING_APPROVAL
+from tests.support.faults import FullDisk
 from tests.unit.test_use_cases import AGENT, OPERATOR, T0, TD, Authorities, Broker, _build
 
 
 @pytest.fixture(scope="module")
 def signers() -> Authorities:
     return Authorities(ca=SpiffeCA(TD, now=T0), jwt=JwtSvidIssuer(TD), stranger_jwt=JwtSvidIssuer(TD))
-
-
-class FullDisk:
-    """A text sink that fails like a full disk while `full`, and writes through to `buffer` otherwise."""
-
-    def __init__(self) -> None:
-        self.buffer = io.StringIO()
-        self.full = False
-        self.closed = False
-
-    def write(self, text: str) -> int:
-        if self.full:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return self.buffer.write(text)
-
-    def flush(self) -> None:
-        if self.full:
-            raise OSError(errno.ENOSPC, "No space left on device")
 
 
 @pytest.fixture
