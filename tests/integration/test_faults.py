@@ -235,3 +235,17 @@ def _break_audit(harness: Harness) -> FullDisk:
     sink = FullDisk(full=True)
     harness.broker.sync(setattr, harness.broker.app.audit, "_sink", sink)   # the OS edge: the file under the log
     return sink
+
+
+def test_calls_waiting_for_an_approval_hold_no_slot(small_limit: Harness) -> None:
+    agent = small_limit.agent(PLANNER)
+    deploy = pb.ExchangeRequest(task_id="dep", audience="service:app", actions=["deploy:prod"], resource="service:app")
+    ids = [agent.Exchange(deploy, timeout=5).approval_id for _ in range(5)]
+    waiting = [agent.AwaitApproval.future(pb.AwaitApprovalRequest(approval_id=i), timeout=30) for i in ids]
+    exchange = small_limit.broker.app.exchange
+    small_limit.broker.until(lambda: all(exchange.waiting(i) == 1 for i in ids))
+    try:
+        assert _exchange(small_limit, "meanwhile").state == "ISSUED"   # five waiters, a limit of four
+    finally:
+        for call in waiting:
+            call.cancel()
