@@ -13,6 +13,7 @@ every tool the agent uses is a policy decision in the broker's audit trail.
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from mcp.client.streamable_http import streamable_http_client
 from broker.client.errors import BrokerClientError
 from broker.client.task import Credential, Task
 from broker.mcp.messages import tool_action, tool_calls
+from broker.mcp.transport import client_context
 
 CONNECT_ACTIONS = ("mcp:connect",)
 
@@ -94,10 +96,19 @@ async def connect(
     action_for: Callable[[str], str] = tool_action,
     connect_actions: Sequence[str] = CONNECT_ACTIONS,
     timeout: float = 30.0,
+    server_roots_pem: bytes | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[ToolClient]:
-    """An MCP session over streamable HTTP with per-tool broker credentials from `task`."""
+    """An MCP session over streamable HTTP with per-tool broker credentials from `task`.
+
+    For an `https://` URL the connection presents the agent's X.509-SVID (mutual TLS), so a
+    certificate-bound credential can be checked by the server; `server_roots_pem` names the
+    roots of the server's certificate when they are not the agent's own trust bundle.
+    """
     auth = BrokerAuth(task, audience=audience, resource=resource, action_for=action_for,
                       connect_actions=connect_actions)
-    async with httpx2.AsyncClient(auth=auth, timeout=timeout) as http, \
+    if tls is None and url.startswith("https://"):
+        tls = client_context(task.client.identity.material(), server_roots_pem=server_roots_pem)
+    async with httpx2.AsyncClient(auth=auth, timeout=timeout, verify=tls or True) as http, \
             Client(streamable_http_client(url, http_client=http)) as client:
         yield ToolClient(client, auth)

@@ -108,7 +108,9 @@ class ToolGate:
         """The MCP app behind the gate."""
 
         async def gated(scope: Any, receive: Any, send: Any) -> None:
-            if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await app(scope, self._lifespan(receive), send)
+            elif scope["type"] != "http":
                 await app(scope, receive, send)
             elif scope["path"] == self.metadata_path and scope["method"] == "GET":
                 await send_json(send, 200, self.metadata())
@@ -118,6 +120,19 @@ class ToolGate:
                 await app(scope, receive, send)
 
         return gated
+
+    def _lifespan(self, receive: Any) -> Any:
+        """Start following revocations when the server starts, stop when it stops."""
+
+        async def lifespan_receive() -> dict:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.verifier.start()
+            elif message["type"] == "lifespan.shutdown":
+                await self.verifier.close()
+            return message
+
+        return lifespan_receive
 
     async def _guard(self, app: ASGIApp, scope: Any, receive: Any, send: Any) -> None:
         body, receive = await _buffered(receive) if scope["method"] == "POST" else (b"", receive)

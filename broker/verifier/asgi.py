@@ -16,6 +16,8 @@ from broker.verifier.errors import InsufficientScope, TokenRejected
 from broker.verifier.verifier import TokenVerifier, VerifiedToken, _current
 
 Scope = Mapping[str, Any]
+# Where a server that terminates TLS itself puts the client's certificate (DER) for this request.
+PEER_CERT_STATE = "broker.peer_cert"
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
@@ -61,9 +63,12 @@ def bearer_token(scope: Scope) -> str | None:
 
 
 def peer_certificate(scope: Scope) -> bytes | None:
-    """The client's leaf certificate from the ASGI TLS extension, when the server provides it."""
+    """The client's leaf certificate: from the ASGI TLS extension, or the request state (PEM or DER)."""
     chain = (scope.get("extensions") or {}).get("tls", {}).get("client_cert_chain") or []
-    return chain[0].encode() if chain else None
+    if chain:
+        return chain[0].encode()
+    der = (scope.get("state") or {}).get(PEER_CERT_STATE)
+    return der if isinstance(der, bytes) else None
 
 
 async def refuse(send: Callable[[dict], Awaitable[None]], error: TokenRejected | None, *,
