@@ -5,7 +5,8 @@ backoff whenever the stream breaks. Its view is complete only from the moment a 
 was established (`synced_since`): a token issued before that (or before a gap the broker could
 not replay) is introspected once, since its revocation may have been missed. When the broker's
 stream can resume after a cursor (`WatchRevocationsRequest.resume_after`), a reconnect resumes
-and leaves no gap. `staleness` says how long the view has been unfed, for strict mode.
+after the last event read and leaves no gap; a cursor the broker no longer holds (it restarted)
+is dropped and the view starts over. `staleness` says how long the view has been unfed, for strict mode.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class Follower:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.connected:
+            self.connected = False
+            self._disconnected_at = self._clock.now()
 
     def staleness(self, now: float) -> float:
         """Seconds the view has gone unfed: 0 while subscribed, infinite before the first subscription."""

@@ -225,3 +225,18 @@ async def test_asgi_middleware_answers_with_rfc6750_challenges(broker: InProcess
     assert short[1][b"www-authenticate"].startswith(b'Bearer error="insufficient_scope"')
     assert b'scope="repo:write"' in short[1][b"www-authenticate"]
     assert unbound[0] == 401 and b'error="invalid_token"' in unbound[1][b"www-authenticate"]
+
+
+async def test_a_reconnecting_follower_resumes_after_its_last_event(broker: InProcessBroker) -> None:
+    async with broker.agent(PLANNER) as planner, broker.agent(REPO) as repo, verifier(broker, repo) as v:
+        assert await v.wait_ready()
+        first = await planner.task("T-1").credential(audience=REPO, actions=["repo:read"], resource=APP)
+        second = await planner.task("T-2").credential(audience=REPO, actions=["repo:read"], resource=APP)
+        await planner.complete_task("T-1")
+        follower = v.follower
+        assert await follower.wait_for(lambda: first.lease_id in follower.revoked, timeout=10)
+        await follower.close()  # the stream is gone; meanwhile the second lease dies
+        await planner.complete_task("T-2")
+        follower.start()
+        # Replayed after the cursor: an event that happened while no stream was open.
+        assert await follower.wait_for(lambda: second.lease_id in follower.revoked, timeout=10)
