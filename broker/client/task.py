@@ -76,7 +76,8 @@ def _secret(answer: pb.ExchangeResponse) -> Secret | None:
     if not _HAS_SECRET or not answer.HasField("secret"):
         return None
     s = answer.secret
-    expires = s.expires_at.seconds + s.expires_at.nanos / 1e9 if s.HasField("expires_at") else 0.0
+    exp = s.expires_at  # a Timestamp, or seconds
+    expires = exp.seconds + exp.nanos / 1e9 if hasattr(exp, "seconds") else float(exp)
     return Secret(backend=s.backend, fields=MappingProxyType(dict(s.fields)), expires_at=expires)
 
 
