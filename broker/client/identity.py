@@ -47,13 +47,11 @@ class Identity(Protocol):
     def close(self) -> None: ...
 
 
-class PemIdentity:
-    """An X.509-SVID given as PEM bytes: the chain (leaf first), its key and the broker's roots."""
+class _FixedIdentity:
+    """An identity whose material never changes."""
 
     bearer: TokenProvider | None = None
-
-    def __init__(self, cert_chain_pem: bytes, key_pem: bytes, roots_pem: bytes) -> None:
-        self._material = Material(1, roots_pem, cert_chain_pem, key_pem)
+    _material: Material
 
     def material(self) -> Material:
         return self._material
@@ -63,6 +61,13 @@ class PemIdentity:
 
     def close(self) -> None:
         return None
+
+
+class PemIdentity(_FixedIdentity):
+    """An X.509-SVID given as PEM bytes: the chain (leaf first), its key and the broker's roots."""
+
+    def __init__(self, cert_chain_pem: bytes, key_pem: bytes, roots_pem: bytes) -> None:
+        self._material = Material(1, roots_pem, cert_chain_pem, key_pem)
 
 
 class FileIdentity:
@@ -175,7 +180,7 @@ class WorkloadApiIdentity:
             source.close()
 
 
-class BearerIdentity:
+class BearerIdentity(_FixedIdentity):
     """A token-listener identity: a JWT-SVID or OIDC ID token from `provider`, fetched per call.
 
     `provider` is a plain or async callable returning the current token; `roots_pem` verifies
@@ -183,17 +188,8 @@ class BearerIdentity:
     """
 
     def __init__(self, provider: TokenProvider, roots_pem: bytes) -> None:
-        self.bearer: TokenProvider | None = provider
+        self.bearer = provider
         self._material = Material(1, roots_pem)
-
-    def material(self) -> Material:
-        return self._material
-
-    async def start(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 async def bearer_token(provider: TokenProvider) -> str:
