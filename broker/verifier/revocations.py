@@ -32,6 +32,14 @@ _BACKOFF_START, _BACKOFF_MAX = 0.1, 5.0
 _CURSOR_REFUSED = {grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT}
 
 
+class StreamRefused(Exception):
+    """The broker ended the stream before any event, with this status."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        super().__init__(code.name)
+        self.code = code
+
+
 class Follower:
     """The revocation set of one audience, kept by following the broker's stream."""
 
@@ -95,8 +103,8 @@ class Follower:
         while True:
             try:
                 await self._follow()
-            except (BrokerClientError, grpc.RpcError) as e:
-                code = e.code() if isinstance(e, grpc.RpcError) else None
+            except (BrokerClientError, grpc.RpcError, StreamRefused) as e:
+                code = e.code() if isinstance(e, grpc.RpcError) else getattr(e, "code", None)
                 if code in _CURSOR_REFUSED and self._cursor is not None:
                     self._cursor = None
                 log.info("revocation stream broken", extra={"code": getattr(code, "name", str(e))})
@@ -118,8 +126,8 @@ class Follower:
         call = await self._broker.watch_revocations(request)
         try:
             await call.initial_metadata()
-            if call.done():  # refused at once: the status says why
-                await call
+            if call.done():  # refused at once (a cursor too old, a quota): the status says why
+                raise StreamRefused(await call.code())
             self._on_connected(resumed=resuming)
             await self._notify()
             async for event in call:

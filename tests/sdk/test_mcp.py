@@ -32,7 +32,7 @@ class ToolServer:
 
 
 @contextlib.asynccontextmanager
-async def tool_server(broker: InProcessBroker, folder: Path) -> AsyncIterator[ToolServer]:
+async def tool_server(broker: InProcessBroker, folder: Path, actions: dict | None = None) -> AsyncIterator[ToolServer]:
     """An MCP server with `read_file` and `delete_repo`, over mutual TLS, gated by the broker."""
     running = ToolServer()
     cert, key = broker.issuer.ca("example.org").server_svid(TOOLS).write(folder, "tools")
@@ -42,7 +42,7 @@ async def tool_server(broker: InProcessBroker, folder: Path) -> AsyncIterator[To
 
         def make(base_url: str):
             gate = ToolGate(verifier, resource_url=base_url + "/mcp", authorization_server=broker.http_url,
-                            resource=RESOURCE, resource_name="repo tools")
+                            resource=RESOURCE, resource_name="repo tools", actions=actions)
             server = MCPServer("repo-tools", token_verifier=gate.token_verifier, auth=gate.auth_settings())
 
             @server.tool()
@@ -135,3 +135,15 @@ async def test_a_bound_token_from_another_certificate_is_refused(broker: InProce
                                        headers={"Authorization": f"Bearer {reader.token}"})
     assert answer.status_code == 401
     assert "cnf mismatch" in answer.headers["www-authenticate"]
+
+
+async def test_a_mapped_tool_needs_its_mapped_action(broker: InProcessBroker, tmp_path: Path) -> None:
+    async with tool_server(broker, tmp_path, actions={"delete_repo": "repo:delete"}) as tools, \
+            broker.agent(PLANNER) as planner, planner.task("T-1") as task:
+        reader = await task.credential(audience=TOOLS, actions=["tool:read_file"], resource=RESOURCE)
+        async with http(broker) as client:
+            answer = await client.post(tools.url, json=rpc("delete_repo", {"name": "org/app"}),
+                                       headers={"Authorization": f"Bearer {reader.token}"})
+            metadata = (await client.get(tools.gate.metadata_url)).json()
+    assert answer.status_code == 403 and 'scope="repo:delete"' in answer.headers["www-authenticate"]
+    assert metadata["scopes_supported"] == ["repo:delete"]

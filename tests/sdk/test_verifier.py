@@ -81,6 +81,9 @@ async def test_strict_mode_fails_closed_while_the_broker_is_away(clocked: InProc
         before = await planner.task("T-1", complete_on_exit=False).credential(
             audience=REPO, actions=["repo:read"], resource=APP)
         await v.verify(before.token, peer_cert=peer)
+        ended = await planner.task("T-0").credential(audience=REPO, actions=["repo:read"], resource=APP)
+        await planner.complete_task("T-0")  # an event, so the follower holds a cursor of this broker run
+        assert await v.follower.wait_for(lambda: ended.lease_id in v.follower.revoked, timeout=10)
         clocked.stop()
         assert await v.follower.wait_for(lambda: not v.follower.connected, timeout=10)
         clock.advance(6)
@@ -240,3 +243,18 @@ async def test_a_reconnecting_follower_resumes_after_its_last_event(broker: InPr
         follower.start()
         # Replayed after the cursor: an event that happened while no stream was open.
         assert await follower.wait_for(lambda: second.lease_id in follower.revoked, timeout=10)
+
+
+async def test_without_strict_a_stale_view_still_verifies(clocked: InProcessBroker) -> None:
+    async with clocked.agent(PLANNER) as planner, clocked.agent(REPO) as repo, \
+            verifier(clocked, repo, strict=False, max_staleness=5) as v:
+        assert await v.wait_ready()
+        cred = await planner.task("T-1", complete_on_exit=False).credential(
+            audience=REPO, actions=["repo:read"], resource=APP)
+        peer = clocked.svid(PLANNER).cert_pem()
+        await v.verify(cred.token, peer_cert=peer)  # the broker's keys are now cached
+        clocked.stop()
+        assert await v.follower.wait_for(lambda: not v.follower.connected, timeout=10)
+        clocked.clock.advance(6)
+        facts = await v.verify(cred.token, peer_cert=peer)
+    assert facts.lease_id == cred.lease_id

@@ -13,7 +13,7 @@ from spiffe import WorkloadApiClient, X509Source
 from spiffe._proto import workload_pb2 as wl
 from spiffe._proto import workload_pb2_grpc as wl_grpc
 
-from broker.client import AgentClient, BearerIdentity, WorkloadApiIdentity, workload_api_jwt_svid
+from broker.client import AgentClient, BearerIdentity, IdentityUnavailable, WorkloadApiIdentity, workload_api_jwt_svid
 from broker.testing.broker import InProcessBroker
 from broker.testing.mock_issuer import MockIssuer
 from broker.testing.workload_api import MockWorkloadApi
@@ -105,3 +105,9 @@ _DER = Encoding.DER
 def _cnf(token: str) -> str:
     body = token.split(".")[1]
     return json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))["cnf"]["x5t#S256"]
+
+
+async def test_no_workload_api_is_identity_unavailable(tmp_path) -> None:
+    identity = WorkloadApiIdentity(f"unix://{tmp_path}/absent.sock", timeout=1)
+    with pytest.raises(IdentityUnavailable, match="workload api"):
+        await identity.start()
