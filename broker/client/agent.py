@@ -21,7 +21,7 @@ from grpc import aio
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.client.errors import RETRYABLE, BrokerClientError, from_rpc_error
-from broker.client.identity import Identity, Material, bearer_token
+from broker.client.identity import ChannelIdentity, Identity, Material, bearer_token
 from broker.client.task import ApprovalCallback, Credential, Task
 from broker.domain.clock import Clock, SystemClock
 
@@ -35,15 +35,17 @@ class AgentClient:
     """An agent's connection to the broker.
 
     `target` is `host:port` of the listener that fits `identity` (the mTLS listener for an
-    X.509-SVID, the token listener for a bearer identity). `server_name` overrides the TLS name
+    X.509-SVID, the token listener for a bearer identity), or a `grpc.aio` channel built
+    elsewhere with its credentials in it (then `identity` may be omitted, and the channel is
+    the caller's to close). `server_name` overrides the TLS name
     checked in the broker's certificate. `timeout` bounds each call; `retries` is how many times
     a safe call is repeated when the broker is unreachable.
     """
 
     def __init__(
         self,
-        target: str,
-        identity: Identity,
+        target: str | aio.Channel,
+        identity: Identity | None = None,
         *,
         server_name: str | None = None,
         timeout: float = 10.0,
@@ -53,8 +55,11 @@ class AgentClient:
         renew_margin: float = 0.25,
         renew_jitter: float = 0.1,
     ) -> None:
-        self.target = target
-        self.identity = identity
+        self._given = target if isinstance(target, aio.Channel) else None
+        self.target = "" if self._given is not None else str(target)
+        if identity is None and self._given is None:
+            raise ValueError("an identity is needed to connect to a broker address")
+        self.identity: Identity = identity or ChannelIdentity()
         self.clock = clock or SystemClock()
         self.renew_margin = renew_margin
         self.renew_jitter = renew_jitter
@@ -181,6 +186,9 @@ class AgentClient:
         return (("authorization", f"Bearer {await bearer_token(self.identity.bearer)}"),)
 
     def _current_stub(self) -> pb_grpc.CredentialBrokerStub:
+        if self._given is not None:
+            self._stub = self._stub or pb_grpc.CredentialBrokerStub(self._given)
+            return self._stub
         material = self.identity.material()
         if self._stub is None or material.version != self._version:
             old = self._channel

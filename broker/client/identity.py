@@ -63,6 +63,13 @@ class _FixedIdentity:
         return None
 
 
+class ChannelIdentity(_FixedIdentity):
+    """The identity already inside a channel built elsewhere (see `AgentClient` on a channel)."""
+
+    def __init__(self) -> None:
+        self._material = Material(0, b"")
+
+
 class PemIdentity(_FixedIdentity):
     """An X.509-SVID given as PEM bytes: the chain (leaf first), its key and the broker's roots."""
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from grpc import aio
 
 from broker.client.agent import AgentClient
 from broker.domain.clock import Clock, SystemClock
@@ -78,8 +79,9 @@ class TokenVerifier:
     """Verifies the broker's access tokens for one resource server (one `audience`).
 
     Keys come from `jwks_url` or the `broker` connection (an `AgentClient` holding the resource
-    server's own SVID). `revocations`: "follow" keeps a revocation set from `WatchRevocations`,
-    "introspect" asks the broker on every call, "none" trusts `exp` alone. `strict` fails closed:
+    server's own SVID, or a `grpc.aio` channel to the broker built with it). `revocations`:
+    "follow" keeps a revocation set from `WatchRevocations`, "introspect" asks the broker on
+    every call, "none" trusts `exp` alone. `strict` fails closed:
     every token is refused while the revocation view is older than `max_staleness` seconds, or
     while the broker cannot be asked.
     """
@@ -90,7 +92,7 @@ class TokenVerifier:
         issuer: str,
         audience: str,
         jwks_url: str | None = None,
-        broker: AgentClient | None = None,
+        broker: AgentClient | aio.Channel | None = None,
         revocations: Revocations = "follow",
         strict: bool = True,
         max_staleness: float = 30.0,
@@ -104,6 +106,8 @@ class TokenVerifier:
             raise ValueError(f"revocations={revocations!r} needs a broker connection")
         if jwks_url is None and broker is None:
             raise ValueError("give jwks_url or a broker connection")
+        if isinstance(broker, aio.Channel):
+            broker = AgentClient(broker)
         self.issuer = issuer
         self.audience = audience
         self.revocations = revocations

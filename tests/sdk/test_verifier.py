@@ -258,3 +258,16 @@ async def test_without_strict_a_stale_view_still_verifies(clocked: InProcessBrok
         clocked.clock.advance(6)
         facts = await v.verify(cred.token, peer_cert=peer)
     assert facts.lease_id == cred.lease_id
+
+
+async def test_a_verifier_on_a_broker_channel_built_elsewhere(broker: InProcessBroker) -> None:
+    svid = broker.svid(REPO)
+    creds = grpc.ssl_channel_credentials(broker.roots_pem, svid.key_pem(), svid.chain_pem())
+    async with grpc.aio.secure_channel(broker.mtls_address, creds) as channel, broker.agent(PLANNER) as planner:
+        v = TokenVerifier(issuer=broker.spiffe_id, audience=REPO, broker=channel, revocations="introspect")
+        async with planner.task("T-1") as task:
+            cred = await task.credential(audience=REPO, actions=["repo:read"], resource=APP)
+            peer = broker.svid(PLANNER).cert_pem()
+            assert (await v.verify(cred.token, peer_cert=peer)).subject == PLANNER
+        with pytest.raises(TokenRejected, match="revoked"):
+            await v.verify(cred.token, peer_cert=peer)
