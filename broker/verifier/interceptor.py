@@ -93,4 +93,29 @@ class TokenInterceptor(aio.ServerInterceptor):
                     _current.reset(reset)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **codec)
-        raise TypeError("only unary-unary and unary-stream methods can be guarded")
+        return self._wrap_client_streams(handler, method, codec)
+
+    def _wrap_client_streams(self, handler: grpc.RpcMethodHandler, method: str, codec: dict) -> grpc.RpcMethodHandler:
+        check = self._check
+        if handler.stream_unary is not None:
+            inner = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: aio.ServicerContext) -> Any:
+                reset = _current.set(await check(context, method))
+                try:
+                    return await inner(requests, context)
+                finally:
+                    _current.reset(reset)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
+        streams = handler.stream_stream
+
+        async def stream_stream(requests: Any, context: aio.ServicerContext) -> Any:
+            reset = _current.set(await check(context, method))
+            try:
+                async for item in streams(requests, context):
+                    yield item
+            finally:
+                _current.reset(reset)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **codec)

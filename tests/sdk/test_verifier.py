@@ -183,10 +183,14 @@ async def test_grpc_interceptor_guards_each_method(broker: InProcessBroker) -> N
                     with pytest.raises(grpc.aio.AioRpcError) as refused:
                         await stub.Check(request, metadata=metadata, timeout=10)
                     codes.append(refused.value.code())
+                watch = stub.Watch(request, metadata=(("authorization", f"Bearer {reader}"),), timeout=10)
+                with pytest.raises(grpc.aio.AioRpcError) as unmapped:
+                    await watch.read()
         finally:
             await server.stop(0)
     assert codes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                      grpc.StatusCode.UNAUTHENTICATED]
+    assert unmapped.value.code() == grpc.StatusCode.PERMISSION_DENIED  # a method nobody mapped is closed
 
 
 async def _asgi(app, headers: list[tuple[bytes, bytes]], extensions: dict | None = None) -> tuple[int, dict]:
