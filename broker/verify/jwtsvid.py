@@ -31,9 +31,13 @@ def _subject(payload: Mapping[str, Any]) -> SpiffeId:
     if sub is None:
         raise CredentialRejected("jwt: sub is required")
     try:
-        return SpiffeId.parse(sub)
+        spiffe_id = SpiffeId.parse(sub)
     except InvalidSpiffeId as e:
         raise CredentialRejected("jwt-svid: sub is not a spiffe id") from e
+    if not spiffe_id.path:
+        # As for X.509-SVIDs: spiffe://<td> alone names the trust domain, never a workload.
+        raise CredentialRejected("jwt-svid: sub must be a workload's spiffe id (with a path)")
+    return spiffe_id
 
 
 class JwtSvidVerifier:

@@ -149,6 +149,8 @@ REJECTED = [
     # subject and trust domain
     Reject("sub-not-spiffe", lambda i: i.svid("user@example.org"), "jwt-svid: sub is not a spiffe id"),
     Reject("sub-not-a-string", lambda i: i.svid(claims={"sub": 42}), "jwt-svid: sub is not a spiffe id"),
+    Reject("sub-is-the-trust-domain", lambda i: i.svid("spiffe://example.org"),
+           "jwt-svid: sub must be a workload's spiffe id (with a path)"),
     Reject("sub-missing", lambda i: i.svid(drop=["sub"]), "jwt: sub is required"),
     Reject("sub-of-untrusted-domain", lambda i: i.svid("spiffe://nowhere.org/a"),
            "jwt-svid: no jwt bundle for the trust domain of sub"),
