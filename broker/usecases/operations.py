@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.approvals.store import Approval, ApprovalStore
+from broker.backends.manager import Backends
+from broker.backends.pending import PendingRevocation
 from broker.domain.clock import Clock
 from broker.domain.errors import InvalidRequest, LeaseNotFound, PermissionDenied
 from broker.domain.identity import Identity
@@ -31,6 +33,8 @@ class LeaseFilter:
     subject: str = ""
     audience: str = ""
     include_inactive: bool = False
+    # Only leases whose downstream role is still to be dropped (ended leases, so inactive ones too).
+    revoke_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +48,8 @@ def _encode_token(lease: Lease, flt: LeaseFilter) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _filter_key(flt: LeaseFilter) -> tuple[str, str, str, bool]:
-    return (flt.task_id, flt.subject, flt.audience, flt.include_inactive)
+def _filter_key(flt: LeaseFilter) -> tuple[str, str, str, bool, bool]:
+    return (flt.task_id, flt.subject, flt.audience, flt.include_inactive, flt.revoke_pending)
 
 
 def _decode_token(token: str, flt: LeaseFilter) -> tuple[float, str]:
@@ -132,7 +136,9 @@ class Admin:
         minter: TokenMinter,
         audit: AuditLog,
         clock: Clock,
+        backends: Backends | None = None,
     ) -> None:
+        self._backends = backends
         self._leases = leases
         self._policy = policy
         self._approvals = approvals
@@ -153,8 +159,10 @@ class Admin:
             task_id=flt.task_id or None,
             subject=flt.subject or None,
             audience=flt.audience or None,
-            include_inactive=flt.include_inactive,
+            include_inactive=flt.include_inactive or flt.revoke_pending,
         )
+        if flt.revoke_pending:
+            items = [lease for lease in items if self.revocation(lease.id) is not None]
         if page_token:
             after = _decode_token(page_token, flt)
             items = [lease for lease in items if (lease.issued_at, lease.id) > after]
@@ -171,6 +179,10 @@ class Admin:
 
     def children(self, lease_id: str) -> tuple[str, ...]:
         return self._leases.children(lease_id)
+
+    def revocation(self, lease_id: str) -> PendingRevocation | None:
+        """The lease's downstream revocation still to do, if it has one."""
+        return self._backends.pending_for(lease_id) if self._backends is not None else None
 
     def _revoked(self, operator: Identity, selector: str, value: str, note: str, changed: list[Lease]) -> int:
         self._audit.record(
