@@ -181,6 +181,7 @@ class PostgresBackend:
         except (PoolTimeout, psycopg.OperationalError) as e:
             if isinstance(e, PoolTimeout) or e.sqlstate is None or e.sqlstate[:2] in ("08", "57"):
                 self._mark_down(e)
+                await self.close()  # stop its reconnection attempts; the next operation probes first
             raise BackendUnavailable(f"backend {self.name}: {short_error(e)}") from e
         except psycopg.Error as e:
             raise BackendUnavailable(f"backend {self.name}: {short_error(e)}") from e
