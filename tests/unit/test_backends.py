@@ -99,6 +99,15 @@ def grant(kit: Kit, role: str, lease_id: str = "l1") -> Lease:
     return kit.leases.grant(lease, now=now)
 
 
+async def start_and_revoke(kit: Kit, *, failures: int) -> None:
+    """Start the manager, grant a lease with role `brk_x`, revoke it; the next `failures` drops fail."""
+    kit.backend.present.add("brk_x")
+    kit.backend.failures = failures
+    await kit.backends.start()
+    grant(kit, "brk_x")
+    kit.leases.revoke("l1", Reason.OPERATOR, now=kit.clock.now(), initiator="op")
+
+
 async def settle(condition, *, rounds: int = 200) -> None:
     for _ in range(rounds):
         if condition():
@@ -143,10 +152,7 @@ def test_groups_are_the_union_of_the_actions_grants_and_a_missing_action_is_name
 
 def test_an_ended_lease_queues_its_role_and_the_worker_drops_it(kit: Kit) -> None:
     async def run() -> None:
-        kit.backend.present.add("brk_x")
-        await kit.backends.start()
-        grant(kit, "brk_x")
-        kit.leases.revoke("l1", Reason.OPERATOR, now=kit.clock.now(), initiator="op")
+        await start_and_revoke(kit, failures=0)
         assert kit.backends.pending_for("l1") is not None  # queued in the same step as the end
         await settle(lambda: kit.backend.revoked == ["brk_x"])
         assert kit.backends.pending_for("l1") is None
@@ -158,11 +164,7 @@ def test_an_ended_lease_queues_its_role_and_the_worker_drops_it(kit: Kit) -> Non
 
 def test_a_failing_revocation_is_retried_after_its_backoff_and_never_dropped(kit: Kit) -> None:
     async def run() -> None:
-        kit.backend.present.add("brk_x")
-        kit.backend.failures = 3
-        await kit.backends.start()
-        grant(kit, "brk_x")
-        kit.leases.revoke("l1", Reason.OPERATOR, now=kit.clock.now(), initiator="op")
+        await start_and_revoke(kit, failures=3)
         for attempts in (1, 2, 3):
             await settle(lambda n=attempts: (kit.backends.pending_for("l1") or _none()).attempts == n)
             record = kit.backends.pending_for("l1")
@@ -191,11 +193,7 @@ def test_reconcile_spares_live_leases_and_issuances_in_flight(kit: Kit) -> None:
 
 def test_a_backend_that_comes_back_retries_its_pending_at_once(kit: Kit) -> None:
     async def run() -> None:
-        kit.backend.present.add("brk_x")
-        kit.backend.failures = 1
-        await kit.backends.start()
-        grant(kit, "brk_x")
-        kit.leases.revoke("l1", Reason.OPERATOR, now=kit.clock.now(), initiator="op")
+        await start_and_revoke(kit, failures=1)
         await settle(lambda: (kit.backends.pending_for("l1") or _none()).attempts == 1)
         await kit.backends.reconcile("analytics")  # the backend answers again: no need to wait for the backoff
         await settle(lambda: kit.backend.revoked == ["brk_x"])
