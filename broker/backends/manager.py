@@ -19,7 +19,14 @@ import logging
 from collections.abc import Callable, Sequence
 
 from broker.backends.base import Backend, BackendStatus, Secret
-from broker.backends.pending import ISSUANCE_FAILED, ORPHAN, MemoryPendingStore, PendingRevocation, PendingStore
+from broker.backends.pending import (
+    BROKER_STOPPED,
+    ISSUANCE_FAILED,
+    ORPHAN,
+    MemoryPendingStore,
+    PendingRevocation,
+    PendingStore,
+)
 from broker.domain.clock import Clock
 from broker.domain.errors import BackendUnavailable, BrokerError
 from broker.leases.events import Event, Lease, LeaseEnded, LeaseGranted, LeaseState
@@ -29,6 +36,7 @@ from broker.ops.metrics import BACKEND_OPS
 log = logging.getLogger(__name__)
 
 RECONCILE_SECONDS = 60.0
+DRAIN_SECONDS = 5.0
 FIRST_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 60.0
 # Revocations attempted at once per backend: the size of its admin pool.
@@ -62,6 +70,7 @@ class Backends:
         self._every = reconcile_every
         self._live: dict[str, dict[str, str]] = {b.name: {} for b in backends}  # backend -> role -> lease id
         self._in_flight: dict[str, set[str]] = {b.name: set() for b in backends}
+        self._dropped: dict[str, set[str]] = {b.name: set() for b in backends}  # since the last listing began
         self._wakes = {b.name: asyncio.Event() for b in backends}
         self._seen: dict[str, bool] = {}
         self._listeners: list[StatusListener] = []
@@ -90,9 +99,12 @@ class Backends:
         self._in_flight[backend.name].add(role)
         try:
             secret = await backend.provision(role, groups, expires_at)
-        except BaseException:
+        except BaseException as e:
             self._in_flight[backend.name].discard(role)
             self._count(backend, "provision", "error")
+            if isinstance(e, asyncio.CancelledError):
+                # The caller went away mid-statement: the role may exist, so drop it to be sure.
+                self._enqueue(backend.name, role, lease_id="", task_id="", cause=ISSUANCE_FAILED)
             raise
         self._count(backend, "provision", "ok")
         return role, secret
@@ -184,12 +196,28 @@ class Backends:
             self._tasks.append(asyncio.create_task(self._revoker(backend), name=f"revoker-{backend.name}"))
             self._tasks.append(asyncio.create_task(self._maintain(backend), name=f"reconcile-{backend.name}"))
 
-    async def close(self) -> None:
+    async def close(self, *, drain_seconds: float = DRAIN_SECONDS) -> None:
+        """Stop the loops; drop the roles of every lease, since a stopped broker's leases are gone.
+
+        Leases live in memory: once this broker stops, no lease accounts for its roles, so they
+        are dropped now (one attempt each, within `drain_seconds`); what is left is dropped by
+        the next start's reconciliation, or refused by PostgreSQL at its VALID UNTIL.
+        """
+        self._listeners.clear()  # the health service is shutting down too
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        for name, live in self._live.items():
+            for role, lease_id in list(live.items()):
+                self._enqueue(name, role, lease_id=lease_id, task_id="", cause=BROKER_STOPPED)
+        attempts = [self._attempt(self._by_name[r.backend], r) for r in self._store.all()]
+        if attempts:
+            try:
+                await asyncio.wait_for(asyncio.gather(*attempts), drain_seconds)
+            except TimeoutError:
+                log.warning("roles left for the next start", extra={"pending": len(self._store.all())})
         for backend in self._by_name.values():
             await backend.close()
 
@@ -200,6 +228,7 @@ class Backends:
             BackendUnavailable: the backend cannot be listed.
         """
         backend = self._by_name[name]
+        self._dropped[name].clear()
         try:
             present = await backend.roles()
         except BaseException:
@@ -210,6 +239,7 @@ class Backends:
         self._count(backend, "reconcile", "ok")
         # Computed after the await, with no await until the queueing: nothing can slip in between.
         keep = set(self._live[name]) | self._in_flight[name] | {r.role for r in self._store.all(name)}
+        keep |= self._dropped[name]  # listed while the revoker was dropping it: not an orphan
         orphans = sorted(present - keep)
         for role in orphans:
             log.warning("orphaned role found", extra={"backend": name, "role": role})
@@ -248,6 +278,7 @@ class Backends:
             self._failed(backend, record, e.reason if isinstance(e, BrokerError) else type(e).__name__)
         else:
             self._store.remove(record.key)
+            self._dropped[backend.name].add(record.role)
             self._count(backend, "revoke", "ok")
             log.info("role revoked", extra={"backend": backend.name, "role": record.role, "lease_id": record.lease_id})
             self._audit.record(

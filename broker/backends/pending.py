@@ -11,11 +11,13 @@ from typing import Any, Protocol
 
 ISSUANCE_FAILED = "issuance_failed"
 ORPHAN = "orphan"
+BROKER_STOPPED = "broker_stopped"
 
 
 @dataclass(frozen=True, slots=True)
 class PendingRevocation:
-    """A role to drop: why (`cause`: the lease's end reason, `issuance_failed` or `orphan`), and how it goes.
+    """A role to drop: why (`cause`: the lease's end reason, `issuance_failed`, `orphan` or
+    `broker_stopped`), and how it is going.
 
     `lease_id` is empty for an orphan found by reconciliation. `last_error` is a short reason
     from the backend, never a password.

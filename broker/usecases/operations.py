@@ -16,6 +16,7 @@ from broker.domain.clock import Clock
 from broker.domain.errors import InvalidRequest, LeaseNotFound, PermissionDenied
 from broker.domain.identity import Identity
 from broker.domain.intent import Limits, check_actions, check_context, check_task_id
+from broker.leases.events import LeaseState, state_for
 from broker.leases.table import Lease, LeaseTable, Reason
 from broker.ops.audit import AuditLog
 from broker.policy.engine import Decision, EntityRef, PolicyEngine
@@ -124,6 +125,22 @@ def dry_run_context(principal: str, context: Mapping[str, str]) -> dict[str, Any
     return ctx
 
 
+def _pending_view(record: PendingRevocation) -> Lease:
+    """What is left to show of a forgotten lease whose revocation is pending: never hidden, never abandoned."""
+    reason = Reason(record.cause) if record.cause in Reason.__members__ else None
+    return Lease(
+        id=record.lease_id, task_id=record.task_id, subject="", client_id="", audience="", scope=(), resource="",
+        issued_at=record.since, expires_at=record.since, token_exp=record.since,
+        state=state_for(reason) if reason else LeaseState.REVOKED, ended_at=record.since, reason=reason,
+        backend=record.backend, role=record.role,
+    )  # fmt: skip
+
+
+def _matches(lease: Lease, flt: LeaseFilter) -> bool:
+    # A forgotten lease keeps only its task: a subject or audience filter cannot match it.
+    return not flt.subject and not flt.audience and flt.task_id in ("", lease.task_id)
+
+
 class Admin:
     """What `BrokerAdmin` does, minus gRPC. The caller is an already-checked operator."""
 
@@ -163,6 +180,8 @@ class Admin:
         )
         if flt.revoke_pending:
             items = [lease for lease in items if self.revocation(lease.id) is not None]
+            items += [view for view in self._forgotten_pending() if _matches(view, flt)]
+            items.sort(key=lambda lease: (lease.issued_at, lease.id))
         if page_token:
             after = _decode_token(page_token, flt)
             items = [lease for lease in items if (lease.issued_at, lease.id) > after]
@@ -174,8 +193,21 @@ class Admin:
         """Raises: LeaseNotFound."""
         lease = self._leases.get(lease_id)
         if lease is None:
-            raise LeaseNotFound("no such lease")
+            pending = self.revocation(lease_id)
+            if pending is None:
+                raise LeaseNotFound("no such lease")
+            return _pending_view(pending)
         return lease
+
+    def _forgotten_pending(self) -> list[Lease]:
+        """Leases the table has forgotten (tombstone purged) whose role still waits to be dropped."""
+        if self._backends is None:
+            return []
+        return [
+            _pending_view(record)
+            for record in self._backends.pending()
+            if record.lease_id and self._leases.get(record.lease_id) is None
+        ]
 
     def children(self, lease_id: str) -> tuple[str, ...]:
         return self._leases.children(lease_id)

@@ -373,3 +373,15 @@ def test_metrics_count_backend_operations(broker: Harness) -> None:
     assert 'broker_backend_ops_total{backend="analytics",op="provision",result="ok"}' in text
     assert 'broker_backend_revoke_pending{backend="analytics"} 0.0' in text
     assert 'broker_backend_up{backend="analytics"} 1.0' in text
+
+
+def test_a_broker_that_stops_drops_the_roles_of_its_leases(material: Material, tmp_path, db: Analytics) -> None:
+    harness = start_broker(material, tmp_path, db)
+    try:
+        secret = harness.agent(PLANNER).Exchange(db_request(), timeout=10).secret
+        assert secret.fields["username"] in db.roles()
+    finally:
+        harness.close()
+        harness.broker.stop()
+    assert db.roles() == set()
+    assert login_refused(secret.fields["dsn"])

@@ -108,10 +108,19 @@ def test_a_failed_revocation_is_retried_until_the_database_returns(
         ctl = brokerctl(harness, tmp_path, "leases", "list", "--revoke-pending")
         assert resp.lease_id in ctl.stdout
 
+        # Long after the lease's tombstone is purged, the pending revocation is still shown.
+        harness.clock.advance(900)
+        wait_until(lambda: harness.broker.sync(harness.broker.app.leases.get, resp.lease_id) is None,
+                   what="the tombstone to be purged")
+        forgotten = operator.GetLease(pb.GetLeaseRequest(lease_id=resp.lease_id), timeout=5)
+        assert (forgotten.role, forgotten.reason, forgotten.revocation.state) == (role, "OPERATOR", "PENDING")
+        listed = operator.ListLeases(pb.ListLeasesRequest(revoke_pending=True), timeout=5).leases
+        assert [lease.id for lease in listed] == [resp.lease_id]
+
         db.server.start()
         harness.clock.advance(120)  # past the backoff, whichever attempt it is at
-        wait_until(lambda: pending().state == "DONE", what="the revocation to complete")
-        assert role not in db.roles()
+        wait_until(lambda: role not in db.roles(), what="the revocation to complete")
+        wait_until(lambda: not harness.broker.sync(harness.broker.app.backends.pending), what="nothing pending")
         assert f'broker_backend_revoke_pending{{backend="{BACKEND}"}} 0.0' in http_get(harness, "/metrics")
         assert list(operator.ListLeases(pb.ListLeasesRequest(revoke_pending=True), timeout=5).leases) == []
 

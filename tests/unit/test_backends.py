@@ -204,3 +204,38 @@ def test_a_backend_that_comes_back_retries_its_pending_at_once(kit: Kit) -> None
 
 def _none() -> PendingRevocation:
     return PendingRevocation(backend="", role="", lease_id="", task_id="", cause="", since=0, next_attempt_at=0)
+
+
+def test_an_issuance_cancelled_while_the_role_was_being_made_queues_the_role_for_dropping(kit: Kit) -> None:
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_provision(role: str, groups: tuple[str, ...], expires_at: float) -> Secret:
+        kit.backend.present.add(role)  # the statement reached the database...
+        entered.set()
+        await release.wait()  # ...and the caller goes away before it is confirmed
+        raise AssertionError("not reached")
+
+    kit.backend.provision = slow_provision  # type: ignore[method-assign]
+
+    async def run() -> None:
+        task = asyncio.ensure_future(kit.backends.provision(kit.backend, ("db:read",), kit.clock.now() + 60))
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert [(r.role, r.cause) for r in kit.backends.pending()] == [("brk_1", "issuance_failed")]
+
+
+def test_closing_drops_the_roles_of_live_leases(kit: Kit) -> None:
+    async def run() -> None:
+        kit.backend.present.add("brk_live")
+        await kit.backends.start()
+        grant(kit, "brk_live")
+        await kit.backends.close()
+
+    asyncio.run(run())
+    assert kit.backend.revoked == ["brk_live"]
+    assert '"cause":"broker_stopped"' in kit.audit.getvalue()
