@@ -2,14 +2,18 @@
 
 Every statement is composed with `psycopg.sql`: identifiers through `sql.Identifier`, values as
 parameters, or as `sql.Literal` where PostgreSQL takes no parameter (CREATE/ALTER ROLE). The
-password never reaches the server: libpq computes its SCRAM verifier on the client, and the
-verifier is what `CREATE ROLE ... PASSWORD` stores. Each role carries a comment naming its
+password never reaches the server: the broker computes its SCRAM-SHA-256 verifier (in a worker
+thread: PBKDF2 releases the interpreter lock, the event loop does not wait), and the verifier is
+what `CREATE ROLE ... PASSWORD` stores. Each role carries a comment naming its
 backend, so reconciliation only ever drops roles this backend made.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -32,6 +36,7 @@ CONNECT_TIMEOUT = 5
 # pg_terminate_backend waits this long (ms) for each session to be gone before the drop.
 TERMINATE_WAIT_MS = 5000
 MAX_ERROR = 160
+SCRAM_ITERATIONS = 4096  # PostgreSQL's default (scram_iterations)
 
 _CREATE = sql.SQL(
     "CREATE ROLE {role} WITH LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
@@ -53,6 +58,20 @@ _MANAGED = (
 
 def _until(expires_at: float) -> sql.Literal:
     return sql.Literal(datetime.fromtimestamp(expires_at, tz=UTC).isoformat())
+
+
+def scram_verifier(password: str, *, iterations: int = SCRAM_ITERATIONS, salt: bytes | None = None) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (RFC 5802 and 7677, PostgreSQL's format).
+
+    The password is ASCII (from `secrets.token_urlsafe`), so SASLprep leaves it as it is.
+    """
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    b64 = base64.b64encode
+    return f"SCRAM-SHA-256${iterations}:{b64(salt).decode()}${b64(stored_key).decode()}:{b64(server_key).decode()}"
 
 
 def short_error(e: BaseException) -> str:
@@ -190,22 +209,21 @@ class PostgresBackend:
 
     async def provision(self, role: str, groups: tuple[str, ...], expires_at: float) -> Secret:
         password = secrets.token_urlsafe(24)
+        verifier = await asyncio.to_thread(scram_verifier, password)
         ident = sql.Identifier(role)
-        async with self._connection() as conn:
-            verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256").decode()
-            async with conn.transaction():
-                await conn.execute(
-                    _CREATE.format(
-                        role=ident,
-                        limit=sql.Literal(self._config.connection_limit),
-                        verifier=sql.Literal(verifier),
-                        until=_until(expires_at),
-                    )
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                _CREATE.format(
+                    role=ident,
+                    limit=sql.Literal(self._config.connection_limit),
+                    verifier=sql.Literal(verifier),
+                    until=_until(expires_at),
                 )
-                if groups:
-                    members = sql.SQL(", ").join(sql.Identifier(group) for group in groups)
-                    await conn.execute(_GRANT.format(groups=members, role=ident))
-                await conn.execute(_COMMENT.format(role=ident, marker=sql.Literal(self._marker)))
+            )
+            if groups:
+                members = sql.SQL(", ").join(sql.Identifier(group) for group in groups)
+                await conn.execute(_GRANT.format(groups=members, role=ident))
+            await conn.execute(_COMMENT.format(role=ident, marker=sql.Literal(self._marker)))
         return self._secret(role, expires_at, password=password)
 
     async def renew(self, role: str, expires_at: float) -> None:
