@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
@@ -311,7 +312,7 @@ class Backends:
             # What waited for the database goes now rather than at its backoff's end.
             now = self._clock.now()
             for record in self._store.all(backend.name):
-                self._store.update(PendingRevocation(**{**record.to_dict(), "next_attempt_at": now}))
+                self._store.update(dataclasses.replace(record, next_attempt_at=now))
             self._wakes[backend.name].set()
         for listener in self._listeners:
             listener(backend.name, status)

@@ -82,6 +82,11 @@ def test_a_failed_revocation_is_retried_until_the_database_returns(
         role = resp.secret.fields["username"]
         operator = harness.operator()
         db.server.stop()
+        # a Renew the database cannot follow fails, and the lease keeps its expiry
+        with pytest.raises(grpc.RpcError) as err:
+            agent.Renew(pb.RenewRequest(lease_id=resp.lease_id, ttl_seconds=900), timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and BACKEND in err.value.details()
+        assert operator.GetLease(pb.GetLeaseRequest(lease_id=resp.lease_id), timeout=5).expires_at == resp.expires_at
         operator.Revoke(pb.RevokeRequest(lease_id=resp.lease_id), timeout=5)
         # the token side is revoked at once, whatever the database does
         introspect = harness.agent(INTROSPECTOR_ID).Introspect(pb.IntrospectRequest(token=resp.access_token),
