@@ -107,6 +107,7 @@ class PostgresBackend:
         self._where.setdefault("dbname", str(params.get("user") or "postgres"))
         self._pool: AsyncConnectionPool | None = None
         self._probing = asyncio.Lock()
+        self._probes = 0
 
     def groups_for(self, actions: tuple[str, ...]) -> tuple[str, ...]:
         groups: dict[str, None] = {}
@@ -159,10 +160,16 @@ class PostgresBackend:
 
     async def _probe(self) -> None:
         """While the backend is known down, one direct connection decides, quickly, whether it is back."""
+        seen = self._probes
         async with self._probing:
-            if self.status.up and self._pool is not None:
-                return  # another operation's probe found it back meanwhile
-            await self._reconnect()
+            if self._probes != seen:  # another operation probed while this one waited: take its answer
+                if self.status.up and self._pool is not None:
+                    return
+                raise BackendUnavailable(f"backend {self.name} is unavailable: {self.status.error}")
+            try:
+                await self._reconnect()
+            finally:
+                self._probes += 1
 
     async def _reconnect(self) -> None:
         try:

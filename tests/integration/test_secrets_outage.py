@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -146,3 +148,34 @@ def brokerctl(harness: Harness, folder: Path, *args: str) -> subprocess.Complete
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     return result
+
+
+def test_a_database_that_hangs_holds_no_other_request(material: Material, tmp_path: Path, db: Analytics) -> None:
+    # A listener that accepts and never answers: the admin login waits out its connect timeout.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        dsn = f"host=127.0.0.1 port={silent.getsockname()[1]} dbname=x user=x sslmode=disable"
+        with contextlib.closing(_Stopping(start_broker(material, tmp_path, db, dsn=dsn))) as harness:
+            agent = harness.h.agent(PLANNER)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                stuck = pool.submit(agent.Exchange, db_request(), timeout=30)
+                silent.settimeout(20)
+                accepted = [silent.accept()[0]]  # a probe is waiting on the database now
+                plain = agent.Exchange(pb.ExchangeRequest(task_id="repo", audience=RESOURCE_SERVER_ID,
+                                                          actions=["repo:read"], resource="repo:org/app"), timeout=5)
+                assert plain.access_token and not stuck.done()
+                with pytest.raises(grpc.RpcError) as err:
+                    stuck.result()
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE and BACKEND in err.value.details()
+            for conn in accepted:
+                conn.close()
+
+
+class _Stopping:
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+
+    def close(self) -> None:
+        self.h.close()
+        self.h.broker.stop()
