@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from broker.backends.base import BackendStatus, Secret, frozen
-from broker.backends.manager import Backends, retry_delay
+from broker.backends.manager import RECONCILE_SECONDS, Backends, retry_delay
 from broker.backends.pending import MemoryPendingStore, PendingRevocation
 from broker.backends.postgres import PostgresBackend
 from broker.config.backends import BackendConfig
@@ -239,3 +239,18 @@ def test_closing_drops_the_roles_of_live_leases(kit: Kit) -> None:
     asyncio.run(run())
     assert kit.backend.revoked == ["brk_live"]
     assert '"cause":"broker_stopped"' in kit.audit.getvalue()
+
+
+def test_reconciliation_runs_at_start_and_again_every_interval(kit: Kit) -> None:
+    async def run() -> None:
+        kit.backend.present.add("brk_before")
+        await kit.backends.start()
+        await settle(lambda: "brk_before" in kit.backend.revoked)
+        kit.backend.present.add("brk_later")  # appears behind the broker's back
+        await asyncio.sleep(0)
+        assert "brk_later" not in kit.backend.revoked
+        kit.clock.advance(RECONCILE_SECONDS)
+        await settle(lambda: "brk_later" in kit.backend.revoked)
+        await kit.backends.close()
+
+    asyncio.run(run())
