@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from broker.backends.manager import Backends
 from broker.leases.table import LeaseTable
 from broker.tokens.minter import TokenMinter
 
@@ -33,15 +34,36 @@ class _LeaseCollector:
         yield gauge
 
 
+class _BackendCollector:
+    """Each backend's reachability and pending revocations, read at scrape time."""
+
+    def __init__(self, backends: Backends) -> None:
+        self._backends = backends
+
+    def collect(self):
+        up = GaugeMetricFamily("broker_backend_up", "1 when the backend answered its last contact", labels=["backend"])
+        pending = GaugeMetricFamily(
+            "broker_backend_revoke_pending", "Roles whose revocation has not yet succeeded", labels=["backend"]
+        )
+        for name, status in self._backends.statuses().items():
+            up.add_metric([name], 1 if status.up else 0)
+            pending.add_metric([name], len(self._backends.pending(name)))
+        yield up
+        yield pending
+
+
 class HttpListener:
     """`/.well-known/jwks.json`, `/.well-known/openid-configuration`, `/metrics`, `/healthz`."""
 
-    def __init__(self, address: str, *, minter: TokenMinter, leases: LeaseTable, issuer: str) -> None:
+    def __init__(
+        self, address: str, *, minter: TokenMinter, leases: LeaseTable, issuer: str, backends: Backends | None = None
+    ) -> None:
         host, _, port = address.rpartition(":")
         self._address = (host.strip("[]") or "127.0.0.1", int(port))
         self._minter = minter
         self._issuer = issuer
-        self._collector = _LeaseCollector(leases)
+        self._collectors = [_LeaseCollector(leases)] + ([_BackendCollector(backends)] if backends else [])
+        self._backends = backends
         self._server: ThreadingHTTPServer | None = None
         self._jwks_uri = ""
 
@@ -54,7 +76,8 @@ class HttpListener:
         # From the configuration, never from the request's Host header (which a client controls).
         netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._jwks_uri = f"http://{netloc}/.well-known/jwks.json"
-        REGISTRY.register(self._collector)
+        for collector in self._collectors:
+            REGISTRY.register(collector)
         threading.Thread(target=self._server.serve_forever, name="broker-http", daemon=True).start()
         return self._server.server_address[1]
 
@@ -62,8 +85,16 @@ class HttpListener:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            REGISTRY.unregister(self._collector)
+            for collector in self._collectors:
+                REGISTRY.unregister(collector)
             self._server = None
+
+    def _health(self) -> str:
+        """`ok`, then one line per backend: the broker serves even while a backend is down."""
+        lines = ["ok"]
+        for name, status in (self._backends.statuses() if self._backends else {}).items():
+            lines.append(f"backend {name}: up" if status.up else f"backend {name}: down ({status.error})")
+        return "\n".join(lines) + "\n"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         listener = self
@@ -86,7 +117,7 @@ class HttpListener:
                 elif path == "/metrics":
                     self._send(HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
                 elif path == "/healthz":
-                    self._send(HTTPStatus.OK, "text/plain", b"ok\n")
+                    self._send(HTTPStatus.OK, "text/plain", listener._health().encode())
                 else:
                     self._send(HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
 

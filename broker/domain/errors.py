@@ -35,6 +35,10 @@ class IssuerUnavailable(BrokerError):
     """An OIDC issuer's keys could not be fetched."""
 
 
+class BackendUnavailable(BrokerError):
+    """A dynamic-secret backend (a database) cannot be reached or refused the change; `reason` names it."""
+
+
 class PermissionDenied(BrokerError):
     """The caller is authenticated but may not do this (not an admin, not the audience)."""
 

@@ -11,3 +11,8 @@ RPC_LATENCY = Histogram(
     ["method"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
 )
+BACKEND_OPS = Counter(
+    "broker_backend_ops",
+    "Operations on dynamic-secret backends, by backend, op (provision, renew, revoke, reconcile) and result",
+    ["backend", "op", "result"],
+)
