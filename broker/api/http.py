@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from broker.backends.manager import Backends
 from broker.leases.table import LeaseTable
 from broker.tokens.minter import TokenMinter
 
@@ -60,17 +61,43 @@ class _LeaseCollector:
         yield gauge
 
 
+class _BackendCollector:
+    """Each backend's reachability and pending revocations, read at scrape time."""
+
+    def __init__(self, backends: Backends) -> None:
+        self._backends = backends
+
+    def collect(self):
+        up = GaugeMetricFamily("broker_backend_up", "1 when the backend answered its last contact", labels=["backend"])
+        pending = GaugeMetricFamily(
+            "broker_backend_revoke_pending", "Roles whose revocation has not yet succeeded", labels=["backend"]
+        )
+        for name, status in self._backends.statuses().items():
+            up.add_metric([name], 1 if status.up else 0)
+            pending.add_metric([name], len(self._backends.pending(name)))
+        yield up
+        yield pending
+
+
 class HttpListener:
     """`/.well-known/jwks.json`, `/.well-known/openid-configuration`, `/metrics`, `/healthz`."""
 
     def __init__(
-        self, address: str, *, minter: TokenMinter, leases: LeaseTable, issuer: str | None, algorithm: str = "ES256"
+        self,
+        address: str,
+        *,
+        minter: TokenMinter,
+        leases: LeaseTable,
+        issuer: str | None,
+        algorithm: str = "ES256",
+        backends: Backends | None = None,
     ) -> None:
         """`issuer` is `tokens.issuer`: None serves no discovery document."""
         host, _, port = address.rpartition(":")
         self._address = (host.strip("[]") or "127.0.0.1", int(port))
         self._minter = minter
-        self._collector = _LeaseCollector(leases)
+        self._collectors = [_LeaseCollector(leases)] + ([_BackendCollector(backends)] if backends else [])
+        self._backends = backends
         self._server: ThreadingHTTPServer | None = None
         self._discovery: bytes | None = None
         self._discovery_paths: frozenset[str] = frozenset()
@@ -87,7 +114,8 @@ class HttpListener:
         handler = self._handler()
         self._server = ThreadingHTTPServer(self._address, handler)
         self._server.daemon_threads = True
-        REGISTRY.register(self._collector)
+        for collector in self._collectors:
+            REGISTRY.register(collector)
         threading.Thread(target=self._server.serve_forever, name="broker-http", daemon=True).start()
         return self._server.server_address[1]
 
@@ -95,8 +123,16 @@ class HttpListener:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            REGISTRY.unregister(self._collector)
+            for collector in self._collectors:
+                REGISTRY.unregister(collector)
             self._server = None
+
+    def _health(self) -> str:
+        """`ok`, then one line per backend: the broker serves even while a backend is down."""
+        lines = ["ok"]
+        for name, status in (self._backends.statuses() if self._backends else {}).items():
+            lines.append(f"backend {name}: up" if status.up else f"backend {name}: down ({status.error})")
+        return "\n".join(lines) + "\n"
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         listener = self
@@ -114,7 +150,7 @@ class HttpListener:
                 elif path == "/metrics":
                     self._send(HTTPStatus.OK, CONTENT_TYPE_LATEST, generate_latest(REGISTRY))
                 elif path == "/healthz":
-                    self._send(HTTPStatus.OK, "text/plain", b"ok\n")
+                    self._send(HTTPStatus.OK, "text/plain", listener._health().encode())
                 else:
                     self._send(HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
 

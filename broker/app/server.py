@@ -22,6 +22,9 @@ from broker.api.guard import CallGuard, Slots
 from broker.api.http import HttpListener
 from broker.api.servicers import CredentialBrokerServicer
 from broker.approvals.store import ApprovalStore
+from broker.backends.base import BackendStatus
+from broker.backends.manager import Backends
+from broker.backends.postgres import PostgresBackend
 from broker.config.settings import Config
 from broker.domain.clock import Clock, SystemClock
 from broker.domain.errors import ConfigError
@@ -116,6 +119,7 @@ class BrokerApp:
     reaper: Reaper
     verifiers: Verifiers
     limiter: RateLimiter
+    backends: Backends
     slots: Slots | None = None
     servers: dict[Listener, aio.Server] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
@@ -146,6 +150,7 @@ class BrokerApp:
                 leases=self.leases,
                 issuer=self.config.tokens.issuer,
                 algorithm=self.config.tokens.algorithm,
+                backends=self.backends,
             )
             try:
                 self.ports["http"] = self.http.start()
@@ -153,8 +158,23 @@ class BrokerApp:
                 raise ConfigError("server.http_listen", f"cannot listen on {cfg.http_listen}: {e.strerror}") from e
         for name in (*SERVICE_NAMES[:2], ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._watch_backends()
         self._tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
         log.info("broker serving", extra={"ports": dict(self.ports), "issuer": issuer_of(self.config)})
+
+    async def _watch_backends(self) -> None:
+        """Health service `backend:<name>` per backend: NOT_SERVING until it answers, and while it is down."""
+        health_servicer = self.health
+        assert health_servicer is not None
+
+        def on_status(name: str, status: BackendStatus) -> None:
+            code = health_pb2.HealthCheckResponse.SERVING if status.up else health_pb2.HealthCheckResponse.NOT_SERVING
+            self._tasks.append(asyncio.ensure_future(health_servicer.set(f"backend:{name}", code)))
+
+        for name in self.backends.names():
+            await health_servicer.set(f"backend:{name}", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.backends.on_status(on_status)
+        await self.backends.start()
 
     async def _serve(self, listener: Listener, address: str, creds: grpc.ServerCredentials) -> int:
         server = aio.server(
@@ -215,6 +235,7 @@ class BrokerApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.gather(*(server.stop(grace) for server in self.servers.values()))
+        await self.backends.close()
         if self.http is not None:
             self.http.stop()
         self.audit.close()
@@ -288,12 +309,14 @@ def _wire(
     config: Config, clock: Clock, *, minter: TokenMinter, policy: PolicyEngine, audit: AuditLog, verifiers: Verifiers
 ) -> BrokerApp:
     """The lease table, the use cases and the loops around the built parts, as a `BrokerApp`."""
-    # Construction order is subscription order: lease events reach audit, feed, reaper.
+    # Construction order is subscription order: lease events reach audit, backends, feed, reaper.
     leases = LeaseTable(tombstone_grace=TOMBSTONE_GRACE_SECONDS)
     leases.subscribe(audit.on_event)
+    backends = Backends([PostgresBackend(b) for b in config.backends], clock=clock, audit=audit)
+    leases.subscribe(backends.on_event)
     approvals = ApprovalStore()
     settings = _settings(config)
-    issuer = Issuer(leases=leases, minter=minter, audit=audit, clock=clock, settings=settings)
+    issuer = Issuer(leases=leases, minter=minter, audit=audit, clock=clock, settings=settings, backends=backends)
     exchange = Exchange(
         verifiers=verifiers,
         policy=policy,
@@ -304,11 +327,21 @@ def _wire(
         audit=audit,
         clock=clock,
         settings=settings,
+        backends=backends,
     )
     leasing = Leasing(
-        policy=policy, leases=leases, minter=minter, issuer=issuer, audit=audit, clock=clock, settings=settings
+        policy=policy,
+        leases=leases,
+        minter=minter,
+        issuer=issuer,
+        audit=audit,
+        clock=clock,
+        settings=settings,
+        backends=backends,
     )
-    admin = Admin(leases=leases, policy=policy, approvals=approvals, minter=minter, audit=audit, clock=clock)
+    admin = Admin(
+        leases=leases, policy=policy, approvals=approvals, minter=minter, audit=audit, clock=clock, backends=backends
+    )
     return BrokerApp(
         config=config,
         clock=clock,
@@ -328,4 +361,5 @@ def _wire(
         reaper=Reaper(leases=leases, approvals=approvals, minter=minter, clock=clock),
         verifiers=verifiers,
         limiter=RateLimiter(rate=config.limits.rate_per_second, burst=config.limits.rate_burst),
+        backends=backends,
     )

@@ -15,7 +15,6 @@ import signal
 import sys
 from pathlib import Path
 
-from broker.config.settings import load_config
 from broker.domain.errors import ConfigError, PolicyError
 
 EXIT_OK = 0
@@ -62,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(config_path: Path) -> int:
+    # Imported here, after the server-extra check: configuration and wiring need the server's parts.
     from broker.app.server import build_app
+    from broker.config.settings import load_config
 
     app = build_app(load_config(config_path))
     try:
@@ -83,7 +84,7 @@ async def _serve(config_path: Path) -> int:
 
 
 # What the `server` extra brings; the base install is the SDKs alone.
-SERVER_MODULES = ("cedarpy", "prometheus_client", "grpc_health", "grpc_reflection")
+SERVER_MODULES = ("cedarpy", "prometheus_client", "grpc_health", "grpc_reflection", "psycopg", "psycopg_pool")
 
 
 def _missing_server_part() -> str | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.config.backends import BackendConfig, backend, check_backends
 from broker.config.reader import (
     Table,
     check_issuer_url,
@@ -132,6 +133,7 @@ class Config:
     approvals: ApprovalsConfig
     limits: LimitsConfig
     source: Path
+    backends: tuple[BackendConfig, ...] = ()
 
     def trust_domain(self, name: str | TrustDomain) -> TrustDomainConfig | None:
         """The configured trust domain called `name`, or None."""
@@ -344,7 +346,10 @@ def load_config(path: Path) -> Config:
     """
     source = Path(os.path.abspath(path))
     root = Table(_read(source), "", source.parent)
-    sections = ("server", "trust_domains", "oidc_issuers", "tokens", "policy", "admin", "audit", "approvals", "limits")
+    sections = (
+        "server", "trust_domains", "oidc_issuers", "tokens", "policy", "admin", "audit", "approvals", "limits",
+        "backends",
+    )  # fmt: skip
     unknown = sorted(set(root.data) - set(sections))
     if unknown:
         raise ConfigError(unknown[0], "unknown section")
@@ -355,6 +360,8 @@ def load_config(path: Path) -> Config:
     _unique(trust_domains, "name", "trust_domains")
     oidc_issuers = [_oidc_issuer(t) for t in _array(root, "oidc_issuers")]
     _unique(oidc_issuers, "issuer", "oidc_issuers")
+    backends = [backend(t) for t in _array(root, "backends")]
+    check_backends(backends)
     return Config(
         server=server,
         trust_domains=tuple(trust_domains),
@@ -366,4 +373,5 @@ def load_config(path: Path) -> Config:
         approvals=_approvals(_section(root, "approvals")),
         limits=_limits(_section(root, "limits")),
         source=source,
+        backends=tuple(backends),
     )

@@ -65,7 +65,8 @@ class Lease:
     `actor_chain` lists the current actor first; `depth` is the delegation depth.
     `context` is the policy context the lease was decided with (re-checked on renewal) and
     `not_after` the subject token's own expiry, a cap on renewals and on delegated leases;
-    the table stores both and never reads them.
+    the table stores both and never reads them. `backend` and `role` name the downstream
+    credential (a database login role) that lives and dies with the lease, when there is one.
     """
 
     id: str
@@ -88,6 +89,8 @@ class Lease:
     initiator: str | None = None
     context: Mapping[str, Any] = field(default_factory=lambda: _NO_CONTEXT, hash=False)
     not_after: float | None = None
+    backend: str | None = None
+    role: str | None = None
 
     def is_active(self, now: float) -> bool:
         """True while the lease is ACTIVE and `now` is before its expiry."""
@@ -118,6 +121,8 @@ class Lease:
             initiator,
             self.context,
             self.not_after,
+            self.backend,
+            self.role,
         )
 
 

@@ -202,6 +202,8 @@ def _lease_fields(event: LeaseGranted | LeaseEnded) -> dict[str, Any]:
         "actor_chain": list(lease.actor_chain) or None,
         "depth": lease.depth or None,
         "expires_at": lease.expires_at,
+        "backend": lease.backend,
+        "role": lease.role,
     }
 
 

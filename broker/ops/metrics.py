@@ -18,3 +18,8 @@ RPC_OVERLOADED = Counter(
     "broker_rpc_overloaded", "Calls refused with RESOURCE_EXHAUSTED because too many were in flight", ["method"]
 )
 AUDIT_FAILED_WRITES = Counter("broker_audit_failed_writes", "Audit records that could not be written")
+BACKEND_OPS = Counter(
+    "broker_backend_ops",
+    "Operations on dynamic-secret backends, by backend, op (provision, renew, revoke, reconcile) and result",
+    ["backend", "op", "result"],
+)

@@ -161,7 +161,7 @@ class Broker:
         return self.ask(caller, subject_token=parent_token, subject_token_type=TOKEN_TYPE_ACCESS_TOKEN, **kw)
 
     def renew(self, caller: Identity, lease_id: str, ttl: int = 0) -> Issued:
-        issued = self.leasing.renew(caller, lease_id, ttl)
+        issued = asyncio.run(self.leasing.renew(caller, lease_id, ttl))
         self.tokens.append(issued.access_token)
         return issued
 
