@@ -462,6 +462,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main() -> int:
+    if "--store" in sys.argv[1:]:
+        # `--store postgres --replicas N`: the replicas benchmark, in its own script.
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_replicas
+
+        return bench_replicas.main(sys.argv[1:])
     args = _parser().parse_args()
     if min(args.clients, args.inflight) < 1 or args.seconds <= 0 or args.warmup < 0 or args.leases < 1:
         _parser().error("--clients, --inflight, --seconds and --leases must be positive, --warmup not negative")

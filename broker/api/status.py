@@ -29,6 +29,8 @@ STATUS: dict[type[errors.BrokerError], grpc.StatusCode] = {
     errors.CredentialRejected: grpc.StatusCode.UNAUTHENTICATED,
     errors.IssuerUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.TaskConflict: grpc.StatusCode.PERMISSION_DENIED,

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
 
-from broker.config.settings import load_config
 from broker.domain.errors import ConfigError, PolicyError
 
 EXIT_OK = 0
@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(config_path: Path) -> int:
+    # Imported here, after the server-extra check: configuration and wiring need the server's parts.
     from broker.app.server import build_app
+    from broker.config.settings import load_config
 
     app = build_app(load_config(config_path))
     try:
@@ -81,8 +83,21 @@ async def _serve(config_path: Path) -> int:
     return EXIT_OK
 
 
+# What the `server` extra brings; the base install is the SDKs alone.
+SERVER_MODULES = ("cedarpy", "prometheus_client", "grpc_health", "grpc_reflection", "psycopg", "psycopg_pool")
+
+
+def _missing_server_part() -> str | None:
+    return next((m for m in SERVER_MODULES if importlib.util.find_spec(m) is None), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    missing = _missing_server_part()
+    if missing is not None:
+        print(f"broker: the server is not installed (no {missing}): pip install 'agent-credential-broker[server]'",
+              file=sys.stderr)
+        return EXIT_FAILED
     _setup_logging(args.log_level)
     log = logging.getLogger("broker")
     config_path = args.config

@@ -39,6 +39,14 @@ class StoreUnavailable(BrokerError):
     """The shared lease store cannot be reached: the broker fails closed rather than guess."""
 
 
+class AuditUnavailable(BrokerError):
+    """The audit trail cannot record this request, and `audit.on_failure` is "refuse"."""
+
+
+class BackendUnavailable(BrokerError):
+    """A dynamic-secret backend (a database) cannot be reached or refused the change; `reason` names it."""
+
+
 class PermissionDenied(BrokerError):
     """The caller is authenticated but may not do this (not an admin, not the audience)."""
 

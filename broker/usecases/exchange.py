@@ -12,6 +12,7 @@ import secrets
 from dataclasses import replace
 
 from broker.approvals.store import Approval, ApprovalState, ApprovalStore
+from broker.backends.manager import Backends
 from broker.domain.clock import Clock
 from broker.domain.errors import (
     ApprovalDenied,
@@ -52,8 +53,10 @@ class Exchange:
         audit: AuditLog,
         clock: Clock,
         settings: Settings,
+        backends: Backends | None = None,
     ) -> None:
         self._issuer = issuer
+        self._backends = backends
         self._verifiers = verifiers
         self._policy = policy
         self._store = store
@@ -76,10 +79,15 @@ class Exchange:
             PolicyDenied: policy says no, or a delegation asks for more than its parent holds.
             PermissionDenied: the delegation chain would be deeper than allowed.
             LifetimeExhausted: no lifetime is left under the caps.
+            AuditUnavailable: the decision or the token cannot be recorded (audit.on_failure = "refuse").
+            BackendUnavailable: the audience's backend could not create the login.
         """
         try:
             plan = await self._plan(caller, intent)
             self._check_task(plan)
+            if self._backends is not None:
+                # Decided before anything is provisioned, and before an approval is asked for.
+                self._backends.check_grants(plan.intent.audience, plan.intent.actions)
         except BrokerError as e:
             # Refused before policy ran (bad subject token, task conflict, delegation limits):
             # still a decision, so still an audit record.
@@ -211,7 +219,9 @@ class Exchange:
     def _decide(self, plan: Plan) -> Decision:
         intent = plan.intent
         decision = self._policy.decide_all(plan.subject, intent.actions, intent.resource, plan.context)
-        self._audit.record(
+        # A grant (or a held approval) needs its decision on record first; a refusal goes out regardless.
+        write = self._audit.require if decision.allowed else self._audit.record
+        write(
             "decision",
             principal=plan.subject,
             client_id=plan.caller.principal,
@@ -294,9 +304,9 @@ class Exchange:
             return await self._issue_approved(approval)
 
     async def _issue_approved(self, approval: Approval) -> Issued:
-        # The approval is taken (USED) before the issuance awaits the store, so two waiters
-        # cannot both use it; a refused or failed issuance (new forbid, task closed, parent
-        # revoked meanwhile, store down) gives it back unused.
+        # The approval is used only by the issuance it allows: taken inside the grant's atomic step
+        # (so two waiters, on any replicas' calls, cannot both use it) and given back when the
+        # issuance fails (new forbid, task closed, parent revoked meanwhile, store down).
         await self._store.sync()
         now = self._clock.now()
         self._approvals.usable(approval.id, now=now)
@@ -309,14 +319,25 @@ class Exchange:
             plan = replace(plan, parent=parent)
         # An approval vouches for the request, not for the policy: a forbid added since still wins.
         plan = replace(plan, decision=self._decide(plan))
-        self._approvals.consume(approval.id, now=now)
+        taken: list[bool] = []
+
+        def take() -> None:
+            if not taken:
+                self._approvals.consume(approval.id, now=self._clock.now())
+                taken.append(True)
+
         try:
-            issued = await self._issuer.issue(plan)
+            issued = await self._issuer.issue(plan, guard=take)
         except BaseException:
-            self._approvals.release(approval.id)
+            if taken:
+                self._approvals.release(approval.id)
             raise
         self._audit.record("approval.used", approval_id=approval.id, lease_id=issued.lease.id)
         return issued
+
+    def waiting(self, approval_id: str) -> int:
+        """How many AwaitApproval calls are waiting on `approval_id` right now."""
+        return len(self._waiters.get(approval_id, ()))
 
     async def _wait_for_change(self, approval_id: str) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from broker.backends.manager import Backends
 from broker.domain.clock import Clock
 from broker.domain.errors import CredentialRejected, LeaseInactive, LeaseNotFound, PermissionDenied, PolicyDenied
 from broker.domain.identity import Identity, matches_any
@@ -40,7 +41,9 @@ class Leasing:
         audit: AuditLog,
         clock: Clock,
         settings: Settings,
+        backends: Backends | None = None,
     ) -> None:
+        self._backends = backends
         self._policy = policy
         self._store = store
         self._leases = store.table
@@ -59,13 +62,17 @@ class Leasing:
         await self._store.sync()
 
     async def renew(self, caller: Identity, lease_id: str, ttl_seconds: int) -> Issued:
-        """A fresh token for the caller's lease, with policy re-checked.
+        """A fresh token for the caller's lease, with policy re-checked, and its secret's expiry moved.
 
         Raises:
             LeaseNotFound: no such lease held by the caller.
             LeaseInactive: the lease is revoked or expired.
             PolicyDenied: policy now refuses it (the lease is then revoked, RENEWAL_DENIED),
                 or it needs a fresh human approval.
+            AuditUnavailable: the decision or the token cannot be recorded; the lease is unchanged
+                unless the token's record failed after the decision's was written.
+            BackendUnavailable: the lease's backend could not move its role's expiry (the lease
+                keeps its old expiry).
             StoreUnavailable: the store cannot be reached; nothing changed.
         """
         await self._store.sync()
@@ -83,21 +90,20 @@ class Leasing:
             actor_chain=lease.actor_chain,
             not_after=lease.not_after,
         )
-        renewed, capped_by = await self._store.execute(lambda batch: self._renewed(batch, plan, caller, lease.id))
-        return self._issuer.deliver(renewed, now=now, cnf=caller.x5t_s256, capped_by=capped_by, renewal=True)
-
-    def _renewed(self, batch: Batch, plan: Plan, caller: Identity, lease_id: str) -> tuple[Lease, str]:
-        # Planned against the store's current state: the parent may have been shortened or ended.
-        now = self._clock.now()
-        lease = batch.lease(lease_id)
-        if lease is None:
-            raise LeaseNotFound("no such lease")
-        parent_id = lease.parent_id
-        plan = replace(plan, parent=batch.lease(parent_id) if parent_id else None)
-        task = batch.task(lease.task_id)
+        task = self._leases.get_task(lease.task_id)
         lifetime = self._issuer.lifetime(plan, now, deadline=task.deadline if task else now, caller=caller)
-        renewed = batch.renew(lease.id, expires_at=lifetime.expires_at, token_exp=lifetime.expires_at, now=now)
-        return renewed, lifetime.capped_by
+        secret = None
+        if lease.role is not None and self._backends is not None:
+            # The role's own expiry moves first: a failure leaves both halves as they were.
+            secret = await self._backends.renew(lease, lifetime.expires_at)
+            now = self._clock.now()
+            self._held_lease(caller, lease_id, now)  # it may have ended while the database answered
+        expires_at = lifetime.expires_at
+        renewed = await self._store.execute(
+            lambda batch: batch.renew(lease.id, expires_at=expires_at, token_exp=expires_at, now=self._clock.now())
+        )
+        issued = self._issuer.deliver(renewed, now=now, cnf=caller.x5t_s256, capped_by=lifetime.capped_by, renewal=True)
+        return replace(issued, secret=secret)
 
     def _held_lease(self, caller: Identity, lease_id: str, now: float) -> Lease:
         """The caller's active lease, renewable over this credential.
@@ -126,7 +132,9 @@ class Leasing:
                 or it needs a fresh human approval.
         """
         decision = self._policy.decide_all(lease.subject, lease.scope, lease.resource, context)
-        self._audit.record(
+        # A renewal needs its decision on record first; a refusal (and its revocation) goes ahead regardless.
+        renews = decision.allowed and not decision.approval_required
+        (self._audit.require if renews else self._audit.record)(
             "decision",
             principal=lease.subject,
             client_id=caller.principal,
@@ -160,6 +168,7 @@ class Leasing:
             InvalidRequest: the task id is ill-formed.
             TaskNotFound: no such task.
             TaskConflict: the caller neither owns the task nor obtained a root lease in it.
+            StoreUnavailable: the store cannot be reached; nothing changed.
         """
         check_task_id(task_id)
         now = self._clock.now()

@@ -189,3 +189,44 @@ def test_revoke_all_on_one_replica_rotates_every_replicas_key(replicas: list[Har
     fresh = c.agent(PLANNER).Exchange(request(task_id="after"), timeout=5)
     assert jwt.get_unverified_header(fresh.access_token)["kid"] not in old
     assert active(a, fresh.access_token)
+
+
+def test_postgres_down_fails_closed_with_unavailable_and_health_not_serving(material: Material, tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from broker.testing.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        dsn = server.create_database("down")
+        harness = Harness(
+            broker=RunningBroker(write_config(material, tmp_path, extra=postgres_store(dsn, "solo")), FakeClock()),
+            material=material,
+        )
+        try:
+            agent = harness.agent(PLANNER)
+            health = health_pb2_grpc.HealthStub(harness.mtls_channel(PLANNER))
+            resp = agent.Exchange(request(task_id="before"), timeout=5)
+            server.stop("fast")
+            for call in (
+                lambda: agent.Exchange(request(task_id="during"), timeout=10),
+                lambda: harness.agent(RESOURCE_SERVER_ID).Introspect(
+                    pb.IntrospectRequest(token=resp.access_token), timeout=10
+                ),
+                lambda: agent.Renew(pb.RenewRequest(lease_id=resp.lease_id), timeout=10),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert err.value.details() == "lease store unavailable: try again"
+            serving = health_pb2.HealthCheckResponse.SERVING
+            status = lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status  # noqa: E731
+            harness.broker.wait_until(lambda: status() != serving)
+            server.start()
+            harness.broker.wait_until(lambda: status() == serving, timeout=30)
+            assert active(harness, resp.access_token)
+            assert agent.Exchange(request(task_id="after"), timeout=10).state == "ISSUED"
+            tasks = {lease.task_id for lease in harness.operator().ListLeases(pb.ListLeasesRequest(), timeout=5).leases}
+            assert tasks == {"before", "after"}  # the refused call changed nothing
+        finally:
+            harness.close()
+            harness.broker.stop()

@@ -200,8 +200,13 @@ def _verifiers(authorities: Authorities) -> Verifiers:
     )
 
 
-def _build(authorities: Authorities, folder: Path, **overrides: Any) -> Broker:
-    """Wire the core as `server.build_app` does; `overrides` are `Settings` fields."""
+def _build(
+    authorities: Authorities, folder: Path, *, sink: Any = None, on_failure: str = "refuse", **overrides: Any
+) -> Broker:
+    """Wire the core as `server.build_app` does; `overrides` are `Settings` fields.
+
+    `sink` replaces the audit log's string buffer (a test's failing stand-in writes through to it).
+    """
     clock = FakeClock(start=T0)
     policy_path = folder / "broker.cedar"
     policy_path.write_text(POLICY)
@@ -209,8 +214,8 @@ def _build(authorities: Authorities, folder: Path, **overrides: Any) -> Broker:
     leases = LeaseTable(tombstone_grace=300)
     approvals = ApprovalStore()
     minter = TokenMinter(BROKER_ID, SigningKey.generate())
-    sink = io.StringIO()
-    audit = AuditLog(sink, clock=clock)
+    buffer = io.StringIO()
+    audit = AuditLog(buffer if sink is None else sink, clock=clock, on_failure=on_failure)
     store = MemoryStore(leases, minter=minter)
     store.on_committed(audit.on_event)
     verifiers = _verifiers(authorities)
@@ -225,7 +230,7 @@ def _build(authorities: Authorities, folder: Path, **overrides: Any) -> Broker:
         leases=leases,
         approvals=approvals,
         minter=minter,
-        audit_sink=sink,
+        audit_sink=buffer if sink is None else sink.buffer,
         verifiers=verifiers,
         settings=settings,
         exchange=Exchange(verifiers=verifiers, policy=policy, approvals=approvals, issuer=issuer, **core),
