@@ -315,10 +315,24 @@ class ReloadPolicyRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReloadPolicyResponse(_message.Message):
-    __slots__ = ("policy_version",)
+    __slots__ = ("policy_version", "replicas")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     policy_version: str
-    def __init__(self, policy_version: _Optional[str] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaReload]
+    def __init__(self, policy_version: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaReload, _Mapping]]] = ...) -> None: ...
+
+class ReplicaReload(_message.Message):
+    __slots__ = ("replica_id", "reloaded", "policy_version", "error")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    RELOADED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    reloaded: bool
+    policy_version: str
+    error: str
+    def __init__(self, replica_id: _Optional[str] = ..., reloaded: _Optional[bool] = ..., policy_version: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Approval(_message.Message):
     __slots__ = ("approval_id", "state", "principal", "client_id", "task_id", "audience", "actions", "resource", "ttl_seconds", "context", "requested_at", "expires_at", "decided_by", "note", "policies")

@@ -74,7 +74,17 @@ class BrokerAdminServicer(pb_grpc.BrokerAdminServicer):
         self, request: pb.ReloadPolicyRequest, context: aio.ServicerContext
     ) -> pb.ReloadPolicyResponse:
         operator = await self._auth.admin(context)
-        return pb.ReloadPolicyResponse(policy_version=self._admin.reload_policy(operator))
+        version, others = await self._admin.reload_policy(operator)
+        replicas = [
+            pb.ReplicaReload(
+                replica_id=o.replica_id,
+                reloaded=o.reloaded,
+                policy_version=o.detail if o.reloaded else "",
+                error="" if o.reloaded else o.detail,
+            )
+            for o in others
+        ]
+        return pb.ReloadPolicyResponse(policy_version=version, replicas=replicas)
 
     @rpc
     async def ListApprovals(

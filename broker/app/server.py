@@ -273,6 +273,21 @@ class BrokerApp:
         self.audit.record("policy.reloaded", operator="signal:SIGHUP", policy_version=version)
 
 
+def _peer_reloader(policy: PolicyEngine, audit: AuditLog):
+    """How this replica reloads its own policy file when another replica's ReloadPolicy asks."""
+
+    def reload() -> tuple[bool, str]:
+        try:
+            version = policy.reload()
+        except Exception as e:
+            audit.record("policy.reload_failed", operator="replica", reason=str(e)[:300])
+            return False, str(e)[:300]
+        audit.record("policy.reloaded", operator="replica", policy_version=version)
+        return True, version
+
+    return reload
+
+
 def build_store(config: Config, table: LeaseTable, *, minter: TokenMinter, clock: Clock) -> LeaseStore:
     """The lease store `[store]` names; nothing connects until `start()`."""
     store = config.store
@@ -355,6 +370,7 @@ def _wire(
     leases = LeaseTable(tombstone_grace=TOMBSTONE_GRACE_SECONDS)
     store = build_store(config, leases, minter=minter, clock=clock)
     store.on_committed(audit.on_event)
+    store.on_reload(_peer_reloader(policy, audit))
     backends = Backends([PostgresBackend(b) for b in config.backends], clock=clock, audit=audit)
     store.on_committed(backends.on_event)
     approvals = ApprovalStore()

@@ -12,6 +12,7 @@ returns, the local table holds every batch any replica had committed when it was
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from broker.leases.batch import Batch
@@ -23,6 +24,17 @@ from broker.tokens.minter import TokenMinter
 T = TypeVar("T")
 Committed = Callable[[Event], None]
 HealthListener = Callable[[bool], None]
+# Reload this replica's policy: (reloaded, policy version or why not).
+Reloader = Callable[[], tuple[bool, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaReload:
+    """What one other replica answered to a policy reload."""
+
+    replica_id: str
+    reloaded: bool
+    detail: str  # the policy version, or why not
 
 
 class LeaseStore(Protocol):
@@ -72,6 +84,14 @@ class LeaseStore(Protocol):
 
     def on_committed(self, fn: Committed) -> None:
         """Call `fn(event)` for each event of each batch this replica appended."""
+        ...
+
+    def on_reload(self, fn: Reloader) -> None:
+        """How this replica reloads its policy when another replica asks."""
+        ...
+
+    async def reload_everywhere(self) -> list[ReplicaReload]:
+        """Ask every other live replica to reload its policy; what each answered."""
         ...
 
     def on_health(self, fn: HealthListener) -> None:
@@ -136,3 +156,9 @@ class MemoryStore:
 
     def on_health(self, fn: HealthListener) -> None:
         return None
+
+    def on_reload(self, fn: Reloader) -> None:
+        return None
+
+    async def reload_everywhere(self) -> list[ReplicaReload]:
+        return []

@@ -36,7 +36,7 @@ from broker.domain.errors import BrokerError, StoreUnavailable
 from broker.leases.batch import Batch
 from broker.leases.events import Event, Lease
 from broker.leases.table import LeaseTable
-from broker.store.base import Committed, HealthListener
+from broker.store.base import Committed, HealthListener, Reloader, ReplicaReload
 from broker.store.codec import decode, encode
 from broker.store.schema import APPEND_LOCK, CHANNEL, ensure_schema
 from broker.tokens.minter import TokenMinter
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 KEYS_REVOKED = "KeysRevoked"
 KEY_PUBLISHED = "KeyPublished"
+POLICY_RELOAD = "PolicyReload"
+POLICY_RELOADED = "PolicyReloaded"
+RELOAD_WAIT_SECONDS = 5.0
 # How often the tailer looks even without a notification, heartbeats its key and prunes.
 POLL_SECONDS = 1.0
 HOUSEKEEPING_SECONDS = 10.0
@@ -95,6 +98,8 @@ class PostgresStore:
         self._refreshing: asyncio.Task | None = None
         self._publish_pending = False
         self._background: set[asyncio.Task] = set()
+        self._reloader: Reloader | None = None
+        self._answers: dict[int, dict[str, ReplicaReload]] = {}
 
     @property
     def healthy(self) -> bool:
@@ -259,6 +264,8 @@ class PostgresStore:
                 self._on_keys_revoked(seq)
             elif kind == KEY_PUBLISHED:
                 self._spawn(self.refresh_keys())
+            elif kind in (POLICY_RELOAD, POLICY_RELOADED):
+                self._on_reload_row(seq, kind, json.loads(text))
             else:
                 try:
                     event = decode(kind, json.loads(text))
@@ -266,6 +273,64 @@ class PostgresStore:
                     log.error("unreadable event in the log skipped", extra={"seq": seq, "kind": kind})
                     continue
                 self.table.apply_at(seq, event)
+
+    # -- policy reloads through one replica
+
+    def on_reload(self, fn: Reloader) -> None:
+        self._reloader = fn
+
+    def _on_reload_row(self, seq: int, kind: str, body: Any) -> None:
+        if kind == POLICY_RELOADED:
+            waiting = self._answers.get(int(body.get("request", 0)))
+            if waiting is not None:
+                replica = str(body.get("replica", ""))
+                waiting[replica] = ReplicaReload(replica, bool(body.get("ok")), str(body.get("detail", "")))
+        elif body.get("replica") != self.replica_id and self._reloader is not None:
+            ok, detail = self._reloader()
+            answer = {"request": seq, "replica": self.replica_id, "ok": ok, "detail": detail[:300]}
+            self._spawn(self._append_row(POLICY_RELOADED, answer))
+
+    async def _append_row(self, kind: str, body: dict[str, Any]) -> int:
+        async with self._writer:
+            try:
+                async with self._connection() as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+                    cur = await conn.execute(
+                        "INSERT INTO broker_events (replica, kind, body) VALUES (%s, %s, %s) RETURNING seq",
+                        (self.replica_id, kind, json.dumps(body)),
+                    )
+                    row = await cur.fetchone()
+                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(row[0] if row else 0)))
+            except _DB_ERRORS as e:
+                raise self._unavailable(e) from e
+        return int(row[0]) if row else 0
+
+    async def reload_everywhere(self) -> list[ReplicaReload]:
+        """Append a reload request; collect the answers of the other live replicas for a few seconds.
+
+        Raises:
+            StoreUnavailable: the store cannot be reached.
+        """
+        now = self._clock.now()
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT DISTINCT replica FROM broker_keys WHERE alive_at > %s AND replica <> %s",
+                (now - 3 * HOUSEKEEPING_SECONDS, self.replica_id),
+            )
+            live = sorted(str(r[0]) for r in await cur.fetchall())
+        request = await self._append_row(POLICY_RELOAD, {"replica": self.replica_id})
+        answers: dict[str, ReplicaReload] = {}
+        self._answers[request] = answers
+        try:
+            deadline = asyncio.get_running_loop().time() + RELOAD_WAIT_SECONDS
+            while not set(live) <= set(answers) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(StoreUnavailable):
+                    await self.sync()
+        finally:
+            self._answers.pop(request, None)
+        missing = [ReplicaReload(r, False, "no answer") for r in live if r not in answers]
+        return sorted([*answers.values(), *missing], key=lambda a: a.replica_id)
 
     # -- keys
 

@@ -28,7 +28,7 @@ from broker.leases.events import LeaseState, state_for
 from broker.leases.table import Lease, Reason
 from broker.ops.audit import AuditLog
 from broker.policy.engine import Decision, EntityRef, PolicyEngine
-from broker.store.base import LeaseStore
+from broker.store.base import LeaseStore, ReplicaReload
 from broker.tokens.minter import TokenMinter
 
 DEFAULT_PAGE_SIZE = 100
@@ -290,15 +290,22 @@ class Admin:
             principal, action, resource, dry_run_context(principal, check_context(context, _CONTEXT))
         )
 
-    def reload_policy(self, operator: Identity) -> str:
-        """Raises: PolicyError, leaving the running policy in force."""
+    async def reload_policy(self, operator: Identity) -> tuple[str, list[ReplicaReload]]:
+        """Reload this replica's policy, then ask every other replica to reload its own.
+
+        Returns this replica's policy version and what each other replica answered.
+
+        Raises:
+            PolicyError: this replica's file does not parse (the running policy stays; the
+                others are not asked).
+        """
         try:
             version = self._policy.reload()
         except Exception as e:
             self._audit.record("policy.reload_failed", operator=operator.principal, reason=str(e)[:300])
             raise
         self._audit.record("policy.reloaded", operator=operator.principal, policy_version=version)
-        return version
+        return version, await self._store.reload_everywhere()
 
     def list_approvals(self, *, include_decided: bool) -> list[Approval]:
         return self._approvals.list(include_decided=include_decided)

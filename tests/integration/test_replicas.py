@@ -230,3 +230,21 @@ def test_postgres_down_fails_closed_with_unavailable_and_health_not_serving(mate
         finally:
             harness.close()
             harness.broker.stop()
+
+
+def test_a_policy_reload_through_one_replica_reloads_every_replica_and_says_which(replicas: list[Harness]) -> None:
+    a, b, c = replicas
+    forbid = '\n@id("no-writes")\nforbid (principal, action == Action::"repo:write", resource);\n'
+    for h in (b, c):
+        policy = Path(h.broker.config_path).parent / "policy.cedar"
+        policy.write_text(policy.read_text() + forbid)
+    (Path(c.broker.config_path).parent / "policy.cedar").write_text("permit (principal, action resource);")
+    answer = a.operator().ReloadPolicy(pb.ReloadPolicyRequest(), timeout=15)
+    by_id = {r.replica_id: r for r in answer.replicas}
+    assert set(by_id) == {"b", "c"}
+    assert by_id["b"].reloaded and by_id["b"].policy_version and not by_id["b"].error
+    assert not by_id["c"].reloaded and "does not parse" in by_id["c"].error
+    with pytest.raises(grpc.RpcError) as err:
+        b.agent(PLANNER).Exchange(request(task_id="w", actions=("repo:write",)), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert c.agent(PLANNER).Exchange(request(task_id="w2", actions=("repo:write",)), timeout=5).state == "ISSUED"
