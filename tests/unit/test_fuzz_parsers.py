@@ -258,3 +258,21 @@ def test_a_public_jwk_of_the_fuzzing_key_is_what_the_bundle_serves(signers: dict
     good = svid.jwt_svid(f"spiffe://{TD}/agent/a", AUDIENCE, now=T0)
     verifiers_ok = JwtSvidVerifier({TD: svid.jwks()}, audience=AUDIENCE)
     assert verifiers_ok.verify(good, now=T0).principal == f"spiffe://{TD}/agent/a"
+
+
+# -- request field checks ------------------------------------------------------------------
+
+
+@bounded(400)
+@given(st.text(alphabet=st.characters(codec=None), min_size=1, max_size=20))
+def test_the_printable_field_check_refuses_exactly_what_the_per_character_rule_refuses(value: str) -> None:
+    from broker.domain.errors import InvalidRequest
+    from broker.domain.intent import _printable
+
+    refused_by_rule = any(c.isspace() or not c.isprintable() or c in '"\\' for c in value)
+    try:
+        _printable(value, "audience", 1000)
+    except InvalidRequest:
+        assert refused_by_rule
+        return
+    assert not refused_by_rule
