@@ -569,6 +569,10 @@ def print_targets(f: dict[str, Any]) -> None:
             f"{rev['revocations']} revocations, {rev['samples']:,} deliveries, {rev['missing']} missing "
             f"(p99 < {REVOCATION_P99_TARGET_MS:g} ms: {'met' if met else 'NOT met'})"
         )
+        print(
+            f"  fan-out         from the broker's revoked_at to each watcher: p50 {rev['fanout_p50_ms']:.2f} ms, "
+            f"p99 {rev['fanout_p99_ms']:.2f} ms, max {rev['fanout_max_ms']:.2f} ms (wall clocks of one machine)"
+        )
 
 
 def print_lease_part(f: dict[str, Any]) -> None:

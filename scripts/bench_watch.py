@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import queue
 import time
@@ -81,17 +82,20 @@ def aio_channel(port: int, folder: Path, name: str) -> aio.Channel:
 # -- watcher processes ----------------------------------------------------------------------
 
 
-async def _watch(stub: pb_grpc.CredentialBrokerStub, seen: list[tuple[str, float]], ready: asyncio.Event) -> None:
+async def _watch(
+    stub: pb_grpc.CredentialBrokerStub, seen: list[tuple[str, float, float]], ready: asyncio.Event
+) -> None:
     stream = stub.WatchRevocations(pb.WatchRevocationsRequest())
     await stream.initial_metadata()
     ready.set()
     async for event in stream:
-        seen.append((event.lease_id, time.monotonic()))
+        # monotonic for the end-to-end figure; wall time against the broker's revoked_at for the fan-out
+        seen.append((event.lease_id, time.monotonic(), time.time() - event.revoked_at.ToNanoseconds() / 1e9))
 
 
 async def _watchers(port: int, folder: Path, names: list[str], count: int, outbox: Any, stop: Any) -> None:
     channels = {name: aio_channel(port, folder, name) for name in names}
-    seen: list[tuple[str, float]] = []
+    seen: list[tuple[str, float, float]] = []
     readies = [asyncio.Event() for _ in range(count)]
     stubs = [pb_grpc.CredentialBrokerStub(channels[names[i // STREAMS_PER_WATCHER]]) for i in range(count)]
     tasks = [asyncio.create_task(_watch(stub, seen, ready)) for stub, ready in zip(stubs, readies, strict=True)]
@@ -171,28 +175,37 @@ def _drain(outbox: Any, kind: str, count: int, timeout: float) -> list[Any]:
     return got
 
 
-def latency_figures(sent: list[tuple[str, float]], seen: list[list[tuple[str, float]]], watchers: int) -> dict:
+def _pct(ordered: list[float], q: float) -> float:
+    """Nearest rank, in milliseconds; NaN for no samples."""
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] * 1000
+
+
+def latency_figures(sent: list[tuple[str, float]], seen: list[list[tuple[str, float, float]]], watchers: int) -> dict:
+    """End to end: from just before Revoke was sent. Fan-out: from the broker's revoked_at (wall clock)."""
     began = dict(sent)
-    samples, received = [], defaultdict(int)
+    samples, fanout, received = [], [], defaultdict(int)
     for per_process in seen:
-        for lease_id, at in per_process:
+        for lease_id, at, after_revoked in per_process:
             if lease_id in began:
                 samples.append(at - began[lease_id])
+                fanout.append(after_revoked)
                 received[lease_id] += 1
     samples.sort()
+    fanout.sort()
     missing = sum(watchers - received[lease_id] for lease_id in began)
-
-    def pct(q: float) -> float:
-        return samples[min(len(samples) - 1, int(q * len(samples)))] * 1000 if samples else float("nan")
-
     return {
         "revocations": len(sent),
         "watchers": watchers,
         "samples": len(samples),
         "missing": missing,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
+        "p50_ms": _pct(samples, 0.50),
+        "p99_ms": _pct(samples, 0.99),
         "max_ms": samples[-1] * 1000 if samples else float("nan"),
+        "fanout_p50_ms": _pct(fanout, 0.50),
+        "fanout_p99_ms": _pct(fanout, 0.99),
+        "fanout_max_ms": fanout[-1] * 1000 if fanout else float("nan"),
     }
 
 
