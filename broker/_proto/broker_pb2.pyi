@@ -127,13 +127,15 @@ class GetJWKSResponse(_message.Message):
     def __init__(self, jwks_json: _Optional[str] = ...) -> None: ...
 
 class WatchRevocationsRequest(_message.Message):
-    __slots__ = ("audience",)
+    __slots__ = ("audience", "resume_after")
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_AFTER_FIELD_NUMBER: _ClassVar[int]
     audience: str
-    def __init__(self, audience: _Optional[str] = ...) -> None: ...
+    resume_after: str
+    def __init__(self, audience: _Optional[str] = ..., resume_after: _Optional[str] = ...) -> None: ...
 
 class RevocationEvent(_message.Message):
-    __slots__ = ("lease_id", "task_id", "subject", "audience", "reason", "revoked_at", "initiator")
+    __slots__ = ("lease_id", "task_id", "subject", "audience", "reason", "revoked_at", "initiator", "cursor")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +143,7 @@ class RevocationEvent(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
     INITIATOR_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     task_id: str
     subject: str
@@ -148,7 +151,8 @@ class RevocationEvent(_message.Message):
     reason: str
     revoked_at: _timestamp_pb2.Timestamp
     initiator: str
-    def __init__(self, lease_id: _Optional[str] = ..., task_id: _Optional[str] = ..., subject: _Optional[str] = ..., audience: _Optional[str] = ..., reason: _Optional[str] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., initiator: _Optional[str] = ...) -> None: ...
+    cursor: str
+    def __init__(self, lease_id: _Optional[str] = ..., task_id: _Optional[str] = ..., subject: _Optional[str] = ..., audience: _Optional[str] = ..., reason: _Optional[str] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., initiator: _Optional[str] = ..., cursor: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("id", "task_id", "subject", "client_id", "audience", "scope", "resource", "state", "issued_at", "expires_at", "revoked_at", "reason", "parent", "children", "actor_chain")

@@ -73,8 +73,9 @@ def introspect_response(result: Introspection) -> pb.IntrospectResponse:
     )
 
 
-def revocation_event(lease: Lease) -> pb.RevocationEvent:
+def revocation_event(lease: Lease, cursor: str = "") -> pb.RevocationEvent:
     return pb.RevocationEvent(
+        cursor=cursor,
         lease_id=lease.id,
         task_id=lease.task_id,
         subject=lease.subject,

@@ -103,10 +103,14 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             if audience not in (None, caller.principal):
                 raise PermissionDenied("a watcher may only watch its own audience")
             audience = caller.principal
-        sub = self._feed.subscribe(audience, watcher=caller.principal)
+        if len(request.resume_after) > MAX_ID:
+            raise InvalidRequest(f"resume_after is longer than {MAX_ID} characters")
+        resume_after = self._feed.parse_cursor(request.resume_after) if request.resume_after else None
+        sub = self._feed.subscribe(audience, watcher=caller.principal, resume_after=resume_after)
         try:
             await context.send_initial_metadata(())
             while True:
-                yield convert.revocation_event(await self._feed.next(sub))
+                seq, lease = await self._feed.next(sub)
+                yield convert.revocation_event(lease, self._feed.cursor(seq))
         finally:
             self._feed.unsubscribe(sub)

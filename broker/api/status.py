@@ -43,6 +43,7 @@ STATUS: dict[type[errors.BrokerError], grpc.StatusCode] = {
     errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.WatcherTooSlow: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.CursorTooOld: grpc.StatusCode.OUT_OF_RANGE,
     errors.PolicyError: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ConfigError: grpc.StatusCode.FAILED_PRECONDITION,
 }

@@ -295,7 +295,11 @@ def _wire(
         exchange=exchange,
         leasing=leasing,
         admin=admin,
-        feed=RevocationFeed(leases, buffer=config.limits.watch_buffer),
+        feed=RevocationFeed(
+            leases,
+            window=config.limits.watch_buffer,
+            max_streams_per_watcher=config.limits.max_streams_per_watcher,
+        ),
         reaper=Reaper(leases=leases, approvals=approvals, minter=minter, clock=clock),
         verifiers=verifiers,
         limiter=RateLimiter(rate=config.limits.rate_per_second, burst=config.limits.rate_burst),

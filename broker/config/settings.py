@@ -102,8 +102,11 @@ class LimitsConfig:
     # Per calling principal: a token bucket refilled at `rate_per_second`, holding `rate_burst`.
     rate_per_second: int = 50
     rate_burst: int = 100
-    # Events buffered per WatchRevocations subscriber before it is cut off as too slow.
-    watch_buffer: int = 1024
+    # Recent end events kept for watchers (shared by all): a watcher is cut off, and a resume
+    # refused, once events it has not read have left this window.
+    watch_buffer: int = 65536
+    # Open WatchRevocations streams one watcher principal may hold at once.
+    max_streams_per_watcher: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +257,15 @@ def _approvals(t: Table) -> ApprovalsConfig:
 
 
 def _limits(t: Table) -> LimitsConfig:
-    t.allow("max_context_entries", "max_context_bytes", "max_actions", "rate_per_second", "rate_burst", "watch_buffer")
+    t.allow(
+        "max_context_entries",
+        "max_context_bytes",
+        "max_actions",
+        "rate_per_second",
+        "rate_burst",
+        "watch_buffer",
+        "max_streams_per_watcher",
+    )
     d = LimitsConfig()
     return LimitsConfig(
         max_context_entries=t.integer("max_context_entries", d.max_context_entries, 1),
@@ -262,7 +273,8 @@ def _limits(t: Table) -> LimitsConfig:
         max_actions=t.integer("max_actions", d.max_actions, 1),
         rate_per_second=t.integer("rate_per_second", d.rate_per_second, 1),
         rate_burst=t.integer("rate_burst", d.rate_burst, 1),
-        watch_buffer=t.integer("watch_buffer", d.watch_buffer, 1, 1_000_000),
+        watch_buffer=t.integer("watch_buffer", d.watch_buffer, 1, 10_000_000),
+        max_streams_per_watcher=t.integer("max_streams_per_watcher", d.max_streams_per_watcher, 1, 10_000),
     )
 
 

@@ -100,6 +100,10 @@ class WatcherTooSlow(BrokerError):
     """A revocation stream fell further behind than its buffer and was cut off."""
 
 
+class CursorTooOld(BrokerError):
+    """A watcher asked to resume after events the broker no longer remembers."""
+
+
 class PolicyError(BrokerError):
     """A policy or entities file does not parse; the running policy stays in force."""
 

@@ -1,81 +1,176 @@
-"""The revocation feed: every lease that stops being active, fanned out to subscribers.
+"""The revocation feed: every lease that stops being active, in one shared window read by cursor.
 
-Each subscriber has a bounded buffer; one that falls behind is cut off rather than allowed to
-slow the broker or grow without bound.
+Each ended lease enters a bounded window of recent end events under the sequence number of its
+event. A watcher holds only a position (the last sequence number it has read), so a burst of
+revocations costs one window entry per lease, not one buffer entry per watcher: a watcher that
+keeps reading gets the whole burst. A watcher is cut off only when it really falls behind, that
+is when events it has not read yet have left the window. A watcher that reconnects resumes after
+the cursor of the last event it read, and gets exactly what it missed while the window still
+holds it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import bisect
+import secrets
+from dataclasses import dataclass
 
-from broker.domain.errors import QuotaExceeded, WatcherTooSlow
+from broker.domain.errors import CursorTooOld, InvalidRequest, QuotaExceeded, WatcherTooSlow
 from broker.leases.table import Lease, LeaseEnded, LeaseTable
 
-DEFAULT_BUFFER = 1024
-# Open streams one watcher principal may hold at once.
-MAX_STREAMS_PER_WATCHER = 8
+DEFAULT_WINDOW = 65536
+# Open streams one watcher principal may hold at once (`limits.max_streams_per_watcher`).
+DEFAULT_STREAMS_PER_WATCHER = 8
 
 
 @dataclass(eq=False, slots=True)
 class Subscription:
-    """One watcher: an audience filter (None = all) and its buffer."""
+    """One watcher: an audience filter (None = all) and the last sequence number it has passed."""
 
     audience: str | None
     watcher: str = ""
-    queue: asyncio.Queue[Lease] = field(default_factory=lambda: asyncio.Queue(DEFAULT_BUFFER))
-    overflowed: bool = False
+    position: int = 0
+    closed: bool = False
+
+
+def new_epoch() -> str:
+    """A fresh name for one run of a store: cursors of another run are refused, not misread."""
+    return secrets.token_hex(4)
 
 
 class RevocationFeed:
-    """Fans `LeaseEnded` events out to subscribers."""
+    """Keeps the last `window` end events in sequence order and hands them to watchers by position.
 
-    def __init__(self, leases: LeaseTable, *, buffer: int = DEFAULT_BUFFER) -> None:
+    `epoch` names the store run the sequence numbers belong to; cursors carry it.
+    """
+
+    def __init__(
+        self,
+        leases: LeaseTable,
+        *,
+        window: int = DEFAULT_WINDOW,
+        max_streams_per_watcher: int = DEFAULT_STREAMS_PER_WATCHER,
+        epoch: str | None = None,
+    ) -> None:
+        if window < 1:
+            raise ValueError("the window must hold at least one event")
+        self._leases = leases
+        self._window = window
+        self._max_streams = max_streams_per_watcher
+        self.epoch = epoch or new_epoch()
         self._subs: set[Subscription] = set()
-        self._buffer = buffer
+        # Parallel lists from `_head` on; compacted when the dead prefix is as long as the window.
+        self._seqs: list[int] = []
+        self._ended: list[Lease] = []
+        self._head = 0
+        # Every end event with a sequence number up to `_floor` may be gone from the window.
+        self._floor = leases.seq
+        self._wake: asyncio.Event | None = None
         leases.subscribe(self._on_event)
 
     def __len__(self) -> int:
         return len(self._subs)
 
-    def subscribe(self, audience: str | None, *, watcher: str = "") -> Subscription:
-        """Start delivering ended leases of `audience` (None = all) to a new subscription.
+    @property
+    def floor(self) -> int:
+        """Events after this sequence number are all still in the window."""
+        return self._floor
+
+    def cursor(self, seq: int) -> str:
+        """The opaque cursor a watcher resumes after: the store run and the sequence number."""
+        return f"{self.epoch}-{seq}"
+
+    def parse_cursor(self, cursor: str) -> int:
+        """The sequence number in `cursor`.
 
         Raises:
-            QuotaExceeded: `watcher` already holds MAX_STREAMS_PER_WATCHER streams.
+            InvalidRequest: not a cursor this broker hands out, or one ahead of this broker.
+            CursorTooOld: a cursor of an earlier run of the broker (its events are gone).
         """
-        if watcher and sum(1 for s in self._subs if s.watcher == watcher) >= MAX_STREAMS_PER_WATCHER:
-            raise QuotaExceeded(f"at most {MAX_STREAMS_PER_WATCHER} open revocation streams per watcher")
-        sub = Subscription(audience=audience, watcher=watcher, queue=asyncio.Queue(self._buffer))
+        epoch, sep, digits = cursor.partition("-")
+        if not sep or not (digits.isascii() and digits.isdigit()) or len(digits) > 19 or len(epoch) != 8:
+            raise InvalidRequest("resume_after is not a cursor this broker issued")
+        if epoch != self.epoch:
+            raise CursorTooOld("resume_after is from an earlier run of the broker: its events are gone")
+        seq = int(digits)
+        if seq > self._leases.seq:
+            raise InvalidRequest("resume_after is ahead of this broker")
+        return seq
+
+    def subscribe(self, audience: str | None, *, watcher: str = "", resume_after: int | None = None) -> Subscription:
+        """Start delivering ended leases of `audience` (None = all): new ones, or those after `resume_after`.
+
+        Raises:
+            QuotaExceeded: `watcher` already holds `max_streams_per_watcher` streams.
+            CursorTooOld: events after `resume_after` have already left the window.
+        """
+        if watcher and sum(1 for s in self._subs if s.watcher == watcher) >= self._max_streams:
+            raise QuotaExceeded(f"at most {self._max_streams} open revocation streams per watcher")
+        if resume_after is None:
+            position = self._leases.seq
+        elif resume_after < self._floor:
+            raise CursorTooOld(
+                f"resume_after is older than the {self._window} most recent end events the broker keeps: "
+                "list leases to resynchronise"
+            )
+        else:
+            position = resume_after
+        sub = Subscription(audience=audience, watcher=watcher, position=position)
         self._subs.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
+        sub.closed = True
         self._subs.discard(sub)
 
     def _on_event(self, event: object) -> None:
         if not isinstance(event, LeaseEnded):
             return
-        lease = event.lease
-        for sub in list(self._subs):
-            if sub.overflowed or (sub.audience is not None and sub.audience != lease.audience):
-                continue
-            try:
-                sub.queue.put_nowait(lease)
-            except asyncio.QueueFull:
-                # A full queue means its reader is not waiting, so it will see the flag
-                # once it has drained what is buffered.
-                sub.overflowed = True
-                self._subs.discard(sub)
+        self._seqs.append(self._leases.seq)
+        self._ended.append(event.lease)
+        if len(self._seqs) - self._head > self._window:
+            self._floor = self._seqs[self._head]
+            self._ended[self._head] = None  # type: ignore[call-overload]  # let the record go
+            self._head += 1
+            if self._head >= self._window:
+                del self._seqs[: self._head]
+                del self._ended[: self._head]
+                self._head = 0
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
 
-    async def next(self, sub: Subscription) -> Lease:
-        """The next ended lease for `sub`.
+    def _pending(self, sub: Subscription) -> tuple[int, Lease] | None:
+        """The next event for `sub` after its position; passes over other audiences' events."""
+        if sub.closed:
+            return None
+        if sub.position < self._floor:
+            self._subs.discard(sub)
+            raise WatcherTooSlow(f"watcher fell more than {self._window} events behind and was cut off")
+        seqs = self._seqs
+        i = bisect.bisect_right(seqs, sub.position, lo=self._head)
+        while i < len(seqs):
+            lease = self._ended[i]
+            if sub.audience is None or lease.audience == sub.audience:
+                return seqs[i], lease
+            sub.position = seqs[i]
+            i += 1
+        sub.position = self._leases.seq  # nothing for it up to here
+        return None
+
+    async def next(self, sub: Subscription) -> tuple[int, Lease]:
+        """The next ended lease for `sub` and its sequence number; waits for one.
 
         Raises:
-            WatcherTooSlow: the subscriber fell more than its buffer behind and was cut off.
+            WatcherTooSlow: events the subscriber had not read left the window; it is cut off.
         """
-        if sub.overflowed and sub.queue.empty():
-            raise WatcherTooSlow(f"watcher fell more than {self._buffer} events behind and was cut off")
-        if sub.overflowed:
-            return sub.queue.get_nowait()
-        return await sub.queue.get()
+        while not sub.closed:
+            found = self._pending(sub)
+            if found is not None:
+                sub.position = found[0]
+                return found
+            if self._wake is None:
+                self._wake = asyncio.Event()
+            await self._wake.wait()
+        raise RuntimeError("the subscription was closed")

@@ -82,7 +82,17 @@ class LeaseTable(LeaseIndex):
             raise ValueError("tombstone grace must not be negative")
         super().__init__()
         self._grace = tombstone_grace
+        self._seq = 0
         self._subscribers: tuple[tuple[object, Subscriber], ...] = ()
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last applied event (0 before any).
+
+        Strictly increasing, one per event; while a subscriber runs it is that event's number,
+        so readers such as the revocation feed can use it as a cursor.
+        """
+        return self._seq
 
     def apply(self, event: Event) -> None:
         """Apply one event, then hand it to every subscriber in subscription order.
@@ -94,6 +104,7 @@ class LeaseTable(LeaseIndex):
             TypeError: `event` is not a lease table event.
         """
         self._mutate(event)
+        self._seq += 1
         for _, fn in self._subscribers:
             try:
                 fn(event)

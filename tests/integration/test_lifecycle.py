@@ -294,19 +294,94 @@ def tiny_buffer(material, tmp_path):
     yield from run_harness(material, tmp_path, extra="[limits]\nwatch_buffer = 2\n")
 
 
-def test_a_watcher_that_falls_behind_is_cut_off_with_resource_exhausted(tiny_buffer: Harness) -> None:
+def test_a_burst_larger_than_the_window_cuts_a_watcher_off_with_resource_exhausted(tiny_buffer: Harness) -> None:
     harness = tiny_buffer
     call = harness.agent(OPERATOR_ID).WatchRevocations(pb.WatchRevocationsRequest(), timeout=30)
     call.initial_metadata()
     agent = harness.agent(PLANNER)
-    lease_ids = [agent.Exchange(request(task_id=f"t{i}"), timeout=5).lease_id for i in range(4)]
-    harness.operator().Revoke(pb.RevokeRequest(all=True), timeout=5)  # four events at once
-    received = []
+    for i in range(4):
+        agent.Exchange(request(task_id=f"t{i}"), timeout=5)
+    harness.operator().Revoke(pb.RevokeRequest(all=True), timeout=5)  # four events at once, window of two
     with pytest.raises(grpc.RpcError) as err:
-        for event in call:
-            received.append(event.lease_id)
+        list(call)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "cut off" in err.value.details()
-    assert set(received) < set(lease_ids) and received
+
+
+@pytest.fixture
+def roomy(material, tmp_path):
+    from tests.support.harness import run_harness
+
+    yield from run_harness(material, tmp_path, extra="[limits]\nrate_per_second = 100000\nrate_burst = 100000\n")
+
+
+def _exchange_many(harness: Harness, task_id: str, n: int) -> list[str]:
+    agent = harness.agent(PLANNER)
+    futures = [agent.Exchange.future(request(task_id=task_id), timeout=60) for _ in range(n)]
+    return [f.result().lease_id for f in futures]
+
+
+def test_revoking_a_task_of_1100_leases_reaches_a_reading_watcher_whole(roomy: Harness) -> None:
+    harness = roomy
+    lease_ids = _exchange_many(harness, "bulk", 1100)
+    watcher = Watcher(harness.agent(RESOURCE_SERVER_ID))
+    try:
+        watcher.wait_ready()
+        assert harness.operator().Revoke(pb.RevokeRequest(task_id="bulk"), timeout=10).revoked_count == 1100
+        events = watcher.take(1100, timeout=20)
+        assert sorted(e.lease_id for e in events) == sorted(lease_ids)
+        assert len({e.cursor for e in events}) == 1100 and not watcher.error
+    finally:
+        watcher.close()
+
+
+def test_a_watcher_that_reconnects_gets_exactly_what_it_missed_once(harness: Harness) -> None:
+    agent = harness.agent(PLANNER)
+    ids = [agent.Exchange(request(task_id=f"r{i}"), timeout=5).lease_id for i in range(4)]
+    operator = harness.operator()
+    watcher = Watcher(harness.agent(RESOURCE_SERVER_ID))
+    watcher.wait_ready()
+    operator.Revoke(pb.RevokeRequest(lease_id=ids[0]), timeout=5)
+    [first] = watcher.take(1)
+    watcher.close()
+    operator.Revoke(pb.RevokeRequest(lease_id=ids[1]), timeout=5)
+    operator.Revoke(pb.RevokeRequest(lease_id=ids[2]), timeout=5)
+    call = harness.agent(RESOURCE_SERVER_ID).WatchRevocations(
+        pb.WatchRevocationsRequest(resume_after=first.cursor), timeout=30
+    )
+    call.initial_metadata()
+    missed = [next(call).lease_id, next(call).lease_id]
+    operator.Revoke(pb.RevokeRequest(lease_id=ids[3]), timeout=5)
+    assert [*missed, next(call).lease_id] == ids[1:]
+    call.cancel()
+
+
+def test_resuming_after_events_the_broker_no_longer_keeps_is_out_of_range(tiny_buffer: Harness) -> None:
+    harness = tiny_buffer
+    agent = harness.agent(PLANNER)
+    ids = [agent.Exchange(request(task_id=f"o{i}"), timeout=5).lease_id for i in range(4)]
+    watcher = Watcher(harness.agent(RESOURCE_SERVER_ID))
+    watcher.wait_ready()
+    harness.operator().Revoke(pb.RevokeRequest(lease_id=ids[0]), timeout=5)
+    [first] = watcher.take(1)
+    watcher.close()
+    for lease_id in ids[1:]:
+        harness.operator().Revoke(pb.RevokeRequest(lease_id=lease_id), timeout=5)
+    call = harness.agent(RESOURCE_SERVER_ID).WatchRevocations(
+        pb.WatchRevocationsRequest(resume_after=first.cursor), timeout=10
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE and "older than" in err.value.details()
+
+
+@pytest.mark.parametrize("cursor", ["not-a-cursor", "x" * 300], ids=["junk", "too-long"])
+def test_a_malformed_resume_cursor_is_invalid_argument(harness: Harness, cursor: str) -> None:
+    call = harness.agent(RESOURCE_SERVER_ID).WatchRevocations(
+        pb.WatchRevocationsRequest(resume_after=cursor), timeout=10
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_operator_revoking_a_task_stops_it_being_used_again(harness: Harness) -> None:

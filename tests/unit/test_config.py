@@ -74,7 +74,7 @@ GOOD: dict[str, Any] = {
     },
     "audit": {"path": "logs/audit.jsonl"},
     "approvals": {"ttl": "15m"},
-    "limits": {"max_context_entries": 8, "max_context_bytes": 1024, "max_actions": 4},
+    "limits": {"max_context_entries": 8, "max_context_bytes": 1024, "max_actions": 4, "max_streams_per_watcher": 3},
 }
 
 MINIMAL: dict[str, Any] = {
@@ -142,7 +142,9 @@ def test_good_file_loads_every_value(folder: Path) -> None:
         spiffe_ids=tuple(GOOD["admin"]["spiffe_ids"]), introspectors=tuple(GOOD["admin"]["introspectors"])
     )
     assert config.approvals == ApprovalsConfig(ttl=900)
-    assert config.limits == LimitsConfig(max_context_entries=8, max_context_bytes=1024, max_actions=4)
+    assert config.limits == LimitsConfig(
+        max_context_entries=8, max_context_bytes=1024, max_actions=4, max_streams_per_watcher=3
+    )
 
 
 def test_oidc_issuers_keep_their_key_source(folder: Path) -> None:
@@ -210,6 +212,7 @@ def test_minimal_file_takes_the_defaults(folder: Path) -> None:
     assert config.audit == AuditConfig(path="-")
     assert config.approvals == ApprovalsConfig()
     assert config.limits == LimitsConfig()
+    assert (config.limits.max_streams_per_watcher, config.limits.watch_buffer) == (8, 65536)
 
 
 def test_trust_domain_lookup(folder: Path) -> None:
@@ -371,6 +374,7 @@ BAD = [
     Bad("approvals-ttl-bad", ("approvals", "ttl"), "soon", "approvals.ttl"),
     Bad("limits-zero", ("limits", "max_actions"), 0, "limits.max_actions"),
     Bad("limits-unknown-key", ("limits", "max_tokens"), 3, "limits.max_tokens"),
+    Bad("limits-streams-zero", ("limits", "max_streams_per_watcher"), 0, "limits.max_streams_per_watcher"),
 ]
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from broker.domain.errors import QuotaExceeded, WatcherTooSlow
+from broker.domain.errors import CursorTooOld, InvalidRequest, QuotaExceeded, WatcherTooSlow
 from broker.leases.feed import RevocationFeed, Subscription
 from broker.leases.table import Lease, LeaseState, LeaseTable, Reason
 
@@ -44,11 +44,15 @@ def _revoke(table: LeaseTable, lease_id: str) -> None:
     table.revoke(lease_id, Reason.OPERATOR, now=T0 + 1, initiator=OPS)
 
 
-def _drain(sub: Subscription) -> list[Lease]:
+def _drain(feed: RevocationFeed, sub: Subscription) -> list[Lease]:
+    """Everything `sub` can read now without waiting."""
     leases = []
-    while not sub.queue.empty():
-        leases.append(sub.queue.get_nowait())
-    return leases
+    while True:
+        found = feed._pending(sub)
+        if found is None:
+            return leases
+        sub.position = found[0]
+        leases.append(found[1])
 
 
 def test_grant_renew_and_task_events_are_not_delivered() -> None:
@@ -59,7 +63,7 @@ def test_grant_renew_and_task_events_are_not_delivered() -> None:
         _grant(table, "a")
         table.renew("a", expires_at=T0 + 600, token_exp=T0 + 600, now=T0 + 1)
         table.open_task("task-2", OWNER, now=T0, deadline=T0 + 60)
-        return _drain(sub)
+        return _drain(feed, sub)
 
     assert asyncio.run(scenario()) == []
 
@@ -71,7 +75,7 @@ def test_revocation_is_delivered_as_the_ended_lease() -> None:
         sub = feed.subscribe(None)
         _grant(table, "a")
         _revoke(table, "a")
-        return await feed.next(sub)
+        return (await feed.next(sub))[1]
 
     lease = asyncio.run(scenario())
     assert (lease.id, lease.state, lease.reason, lease.initiator) == ("a", LeaseState.REVOKED, Reason.OPERATOR, OPS)
@@ -84,7 +88,7 @@ def test_expiry_is_delivered() -> None:
         sub = feed.subscribe(None)
         _grant(table, "a")
         table.expire_due(T0 + 300)
-        return await feed.next(sub)
+        return (await feed.next(sub))[1]
 
     lease = asyncio.run(scenario())
     assert (lease.id, lease.state, lease.reason) == ("a", LeaseState.EXPIRED, Reason.EXPIRED)
@@ -98,7 +102,7 @@ def test_cascade_is_delivered_parent_first() -> None:
         _grant(table, "a")
         _grant(table, "b", parent_id="a")
         _revoke(table, "a")
-        return [await feed.next(sub), await feed.next(sub)]
+        return [(await feed.next(sub))[1], (await feed.next(sub))[1]]
 
     leases = asyncio.run(scenario())
     assert [(lease.id, lease.reason) for lease in leases] == [("a", Reason.OPERATOR), ("b", Reason.PARENT_REVOKED)]
@@ -114,7 +118,7 @@ def test_next_waits_for_the_next_revocation() -> None:
         await asyncio.sleep(0)
         assert not waiter.done()
         _revoke(table, "a")
-        return (await waiter).id
+        return (await waiter)[1].id
 
     assert asyncio.run(scenario()) == "a"
 
@@ -129,7 +133,7 @@ def test_audience_filter_delivers_only_that_audience() -> None:
         _grant(table, "c", audience=REPO)
         for lease_id in ("a", "b", "c"):
             _revoke(table, lease_id)
-        return _drain(sub)
+        return _drain(feed, sub)
 
     assert [lease.id for lease in asyncio.run(scenario())] == ["a", "c"]
 
@@ -143,7 +147,7 @@ def test_admin_watcher_without_filter_sees_every_audience() -> None:
         _grant(table, "b", audience=CI)
         _revoke(table, "a")
         _revoke(table, "b")
-        return _drain(sub)
+        return _drain(feed, sub)
 
     assert [lease.id for lease in asyncio.run(scenario())] == ["a", "b"]
 
@@ -155,59 +159,137 @@ def test_each_watcher_gets_its_own_copy() -> None:
         first, second = feed.subscribe(None), feed.subscribe(REPO)
         _grant(table, "a")
         _revoke(table, "a")
-        return _drain(first), _drain(second)
+        return _drain(feed, first), _drain(feed, second)
 
     first, second = asyncio.run(scenario())
     assert [lease.id for lease in first] == [lease.id for lease in second] == ["a"]
 
 
-def test_overflowing_watcher_drains_its_buffer_then_is_rate_limited() -> None:
-    async def scenario() -> tuple[list[str], RevocationFeed, Subscription]:
+def test_a_burst_larger_than_any_buffer_reaches_a_reading_watcher_whole() -> None:
+    async def scenario() -> list[str]:
         table = _table()
-        feed = RevocationFeed(table, buffer=2)
+        feed = RevocationFeed(table, window=2000)
         sub = feed.subscribe(None)
+        for i in range(1100):
+            _grant(table, f"l{i:04}")
+        table.revoke_task("task-1", Reason.OPERATOR, now=T0 + 1, initiator=OPS)  # 1,100 events at once
+        return [(await feed.next(sub))[1].id for _ in range(1100)]
+
+    assert asyncio.run(scenario()) == [f"l{i:04}" for i in range(1100)]
+
+
+def test_a_watcher_that_stops_reading_is_cut_off_once_its_events_leave_the_window() -> None:
+    async def scenario() -> tuple[list[str], int]:
+        table = _table()
+        feed = RevocationFeed(table, window=2)
+        slow = feed.subscribe(None)
         for lease_id in ("a", "b", "c"):
             _grant(table, lease_id)
             _revoke(table, lease_id)
-        drained = [(await feed.next(sub)).id, (await feed.next(sub)).id]
         with pytest.raises(WatcherTooSlow, match="fell more than 2 events behind"):
-            await feed.next(sub)
-        return drained, feed, sub
+            await feed.next(slow)
+        return [lease.id for lease in _drain(feed, feed.subscribe(None, resume_after=feed.floor))], len(feed)
 
-    drained, feed, sub = asyncio.run(scenario())
-    assert drained == ["a", "b"]
-    assert sub.overflowed is True
-    assert len(feed) == 0
+    resumed, watchers = asyncio.run(scenario())
+    assert resumed == ["b", "c"]
+    assert watchers == 1  # the slow one is gone
 
 
-def test_overflowed_watcher_gets_nothing_more() -> None:
+def test_a_watcher_that_keeps_up_is_never_cut_off_by_a_small_window() -> None:
     async def scenario() -> list[str]:
         table = _table()
-        feed = RevocationFeed(table, buffer=1)
+        feed = RevocationFeed(table, window=1)
         sub = feed.subscribe(None)
-        for lease_id in ("a", "b", "c"):
+        got = []
+        for lease_id in ("a", "b", "c", "d"):
             _grant(table, lease_id)
             _revoke(table, lease_id)
-        return [lease.id for lease in _drain(sub)]
+            got.append((await feed.next(sub))[1].id)
+        return got
 
-    assert asyncio.run(scenario()) == ["a"]
+    assert asyncio.run(scenario()) == ["a", "b", "c", "d"]
 
 
-def test_overflow_of_one_watcher_does_not_cut_off_another() -> None:
-    async def scenario() -> list[str]:
+def test_an_idle_filtered_watcher_is_not_cut_off_by_other_audiences_traffic() -> None:
+    async def scenario() -> str:
         table = _table()
-        feed = RevocationFeed(table, buffer=2)
-        slow, other = feed.subscribe(None), feed.subscribe(REPO)
+        feed = RevocationFeed(table, window=2)
+        sub = feed.subscribe(REPO)
+        waiter = asyncio.create_task(feed.next(sub))
+        for i in range(5):
+            _grant(table, f"ci{i}", audience=CI)
+            _revoke(table, f"ci{i}")
+            await asyncio.sleep(0)
+        _grant(table, "mine", audience=REPO)
+        _revoke(table, "mine")
+        return (await waiter)[1].id
+
+    assert asyncio.run(scenario()) == "mine"
+
+
+def test_resume_after_a_cursor_gets_exactly_the_events_after_it_once() -> None:
+    async def scenario() -> tuple[list[str], list[str]]:
+        table = _table()
+        feed = RevocationFeed(table)
+        first = feed.subscribe(None)
         for lease_id in ("a", "b", "c"):
             _grant(table, lease_id)
-            _revoke(table, lease_id)
-            _drain(other)
-        _grant(table, "d")
-        _revoke(table, "d")
-        assert slow.overflowed
-        return [(await feed.next(other)).id]
+        _revoke(table, "a")
+        seq, _ = await feed.next(first)
+        cursor = feed.cursor(seq)
+        feed.unsubscribe(first)
+        _revoke(table, "b")
+        _revoke(table, "c")
+        resumed = feed.subscribe(None, resume_after=feed.parse_cursor(cursor))
+        again = feed.subscribe(None, resume_after=feed.parse_cursor(cursor))
+        return _drain(feed, resumed), _drain(feed, again)
 
-    assert asyncio.run(scenario()) == ["d"]
+    resumed, again = asyncio.run(scenario())
+    assert [lease.id for lease in resumed] == ["b", "c"]
+    assert [lease.id for lease in again] == ["b", "c"]  # a cursor may be used again
+
+
+def test_resume_after_events_that_left_the_window_is_refused() -> None:
+    async def scenario() -> None:
+        table = _table()
+        feed = RevocationFeed(table, window=1)
+        sub = feed.subscribe(None)
+        _grant(table, "a")
+        _grant(table, "b")
+        _revoke(table, "a")
+        cursor = feed.cursor((await feed.next(sub))[0])
+        _revoke(table, "b")
+        _grant(table, "c")
+        _revoke(table, "c")
+        with pytest.raises(CursorTooOld, match="older than the 1 most recent end events"):
+            feed.subscribe(None, resume_after=feed.parse_cursor(cursor))
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    ["", "abc", "zzzzzzzz-", "zzzzzzzz-1x", "zzzzzzzz--1", "zzzzzzzz-" + "9" * 20],
+    ids=["empty", "no-dash", "no-seq", "junk-seq", "negative", "huge"],
+)
+def test_a_cursor_that_is_not_ours_is_invalid(cursor: str) -> None:
+    feed = RevocationFeed(_table(), epoch="zzzzzzzz")
+    with pytest.raises(InvalidRequest):
+        feed.parse_cursor(cursor)
+
+
+def test_a_cursor_ahead_of_the_broker_is_invalid() -> None:
+    table = _table()
+    feed = RevocationFeed(table)
+    with pytest.raises(InvalidRequest, match="ahead"):
+        feed.parse_cursor(feed.cursor(table.seq + 1))
+
+
+def test_a_cursor_of_an_earlier_run_is_out_of_range() -> None:
+    table = _table()
+    earlier = RevocationFeed(LeaseTable())
+    with pytest.raises(CursorTooOld, match="earlier run"):
+        RevocationFeed(table).parse_cursor(earlier.cursor(0))
 
 
 def test_unsubscribe_stops_delivery() -> None:
@@ -218,7 +300,7 @@ def test_unsubscribe_stops_delivery() -> None:
         _grant(table, "a")
         feed.unsubscribe(sub)
         _revoke(table, "a")
-        return _drain(sub), len(feed)
+        return _drain(feed, sub), len(feed)
 
     delivered, watchers = asyncio.run(scenario())
     assert delivered == []
@@ -237,13 +319,10 @@ def test_unsubscribe_twice_is_harmless() -> None:
 
 
 def test_a_watcher_may_hold_only_a_bounded_number_of_streams() -> None:
-    from broker.leases.feed import MAX_STREAMS_PER_WATCHER, RevocationFeed
-    from broker.leases.table import LeaseTable
-
     async def scenario() -> None:
-        feed = RevocationFeed(LeaseTable())
-        subs = [feed.subscribe(None, watcher="w") for _ in range(MAX_STREAMS_PER_WATCHER)]
-        with pytest.raises(QuotaExceeded, match="revocation streams"):
+        feed = RevocationFeed(LeaseTable(), max_streams_per_watcher=3)
+        subs = [feed.subscribe(None, watcher="w") for _ in range(3)]
+        with pytest.raises(QuotaExceeded, match="at most 3 open revocation streams"):
             feed.subscribe(None, watcher="w")
         feed.subscribe(None, watcher="other")
         feed.unsubscribe(subs[0])
