@@ -35,8 +35,10 @@ _JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){2,}")
 _FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 
-# The formatted whole second last used: every record of a busy second shares it.
-_last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+# Formatted whole seconds recently used: a record's own time and its expiry times repeat
+# from one record to the next. Cleared when full, so it stays small.
+_SECONDS: dict[int, str] = {}
+_SECONDS_KEPT = 256
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
@@ -49,15 +51,16 @@ def rfc3339(t: float) -> str:
     Raises:
         ValueError, OverflowError, OSError: `t` is outside what datetime can represent.
     """
-    global _last_second
     second = math.floor(t)
     micros = round((t - second) * 1_000_000)
     if micros == 1_000_000:
         second, micros = second + 1, 0
-    cached_second, prefix = _last_second
-    if second != cached_second:
+    prefix = _SECONDS.get(second)
+    if prefix is None:
         prefix = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _last_second = (second, prefix)  # one rebinding: atomic for other threads
+        if len(_SECONDS) >= _SECONDS_KEPT:
+            _SECONDS.clear()
+        _SECONDS[second] = prefix
     return f"{prefix}.{micros // 1000:03d}Z"
 
 
