@@ -53,6 +53,16 @@ permit (
 )
 when { context.request has ticket };
 
+// Agents may connect to the repo service's MCP tools and read files; no policy lets them delete a
+// repository, so that tool stays closed (default deny).
+@id("agents-read-repo-tools")
+@max_ttl("300")
+permit (
+  principal in Team::"agents",
+  action in [Action::"mcp:connect", Action::"tool:read_file"],
+  resource == Resource::"mcp:repo-tools"
+);
+
 // Nothing touches secret resources through the broker.
 @id("no-secrets")
 forbid (principal, action, resource)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -99,8 +100,21 @@ def run(main_coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(main_coro)
 
 
+# What the `server` extra brings; the base install is the SDKs alone.
+SERVER_MODULES = ("cedarpy", "prometheus_client", "grpc_health", "grpc_reflection")
+
+
+def _missing_server_part() -> str | None:
+    return next((m for m in SERVER_MODULES if importlib.util.find_spec(m) is None), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    missing = _missing_server_part()
+    if missing is not None:
+        print(f"broker: the server is not installed (no {missing}): pip install 'agent-credential-broker[server]'",
+              file=sys.stderr)
+        return EXIT_FAILED
     _setup_logging(args.log_level)
     log = logging.getLogger("broker")
     config_path = args.config
