@@ -436,6 +436,9 @@ def run_broker_part(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_modes(broker: BrokerProcess, folder: Path, setup: Any, args: argparse.Namespace, figures: dict) -> None:
+    # The mTLS Exchange again right before the bearer one, so the two compared ran on a broker
+    # in the same state (table size, warmth); the first Exchange run starts on a fresh broker.
+    figures["exchange_again"] = run_load("exchange", broker, folder, args)
     figures["bearer"] = run_load("bearer", broker, folder, args, token=setup.bearer_token)
     token = _one_token(broker.ports["mtls"], folder)
     figures["introspect"] = run_load("introspect", broker, folder, args, token=token)
@@ -469,7 +472,8 @@ def ratios(figures: dict[str, Any]) -> dict[str, float]:
         "ratio_cpu_per_call": _ratio(ex["broker_cpu_ms_per_call"], he["broker_cpu_ms_per_call"]),
     }
     if "bearer" in figures:
-        out["ratio_bearer_cpu"] = _ratio(figures["bearer"]["broker_cpu_ms_per_call"], ex["broker_cpu_ms_per_call"])
+        mtls = figures["exchange_again"]["broker_cpu_ms_per_call"]
+        out["ratio_bearer_cpu"] = _ratio(figures["bearer"]["broker_cpu_ms_per_call"], mtls)
         out["ratio_introspect_cpu"] = _ratio(
             figures["introspect"]["broker_cpu_ms_per_call"], he["broker_cpu_ms_per_call"]
         )
@@ -479,7 +483,7 @@ def ratios(figures: dict[str, Any]) -> dict[str, float]:
 TARGETS = (
     ("ratio_calls_per_s", ">=", 0.42, "Exchange throughput / Check throughput"),
     ("ratio_cpu_per_call", "<=", 3.0, "broker CPU per Exchange / per Check"),
-    ("ratio_bearer_cpu", "<=", 1.15, "broker CPU per bearer Exchange / per mTLS Exchange"),
+    ("ratio_bearer_cpu", "<=", 1.15, "broker CPU per bearer Exchange / per mTLS Exchange just before it"),
 )
 REVOCATION_P99_TARGET_MS = 20.0
 
@@ -521,6 +525,7 @@ def print_broker_part(f: dict[str, Any], args: argparse.Namespace) -> None:
     rows = (
         ("Exchange", "exchange"),
         ("Health/Check", "health"),
+        ("Exchange again", "exchange_again"),
         ("Exchange JWT", "bearer"),
         ("Introspect", "introspect"),
         ("Exchange+watch", "exchange_watched"),
