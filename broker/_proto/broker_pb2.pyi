@@ -37,7 +37,7 @@ class ExchangeRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., audience: _Optional[str] = ..., actions: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., context: _Optional[_Mapping[str, str]] = ..., subject_token: _Optional[str] = ..., subject_token_type: _Optional[str] = ...) -> None: ...
 
 class ExchangeResponse(_message.Message):
-    __slots__ = ("access_token", "issued_token_type", "token_type", "expires_in", "expires_at", "lease_id", "task_id", "scope", "ttl_capped_by", "state", "approval_id")
+    __slots__ = ("access_token", "issued_token_type", "token_type", "expires_in", "expires_at", "lease_id", "task_id", "scope", "ttl_capped_by", "state", "approval_id", "secret")
     ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ISSUED_TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class ExchangeResponse(_message.Message):
     TTL_CAPPED_BY_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     APPROVAL_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     access_token: str
     issued_token_type: str
     token_type: str
@@ -60,7 +61,25 @@ class ExchangeResponse(_message.Message):
     ttl_capped_by: str
     state: str
     approval_id: str
-    def __init__(self, access_token: _Optional[str] = ..., issued_token_type: _Optional[str] = ..., token_type: _Optional[str] = ..., expires_in: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_id: _Optional[str] = ..., task_id: _Optional[str] = ..., scope: _Optional[_Iterable[str]] = ..., ttl_capped_by: _Optional[str] = ..., state: _Optional[str] = ..., approval_id: _Optional[str] = ...) -> None: ...
+    secret: Secret
+    def __init__(self, access_token: _Optional[str] = ..., issued_token_type: _Optional[str] = ..., token_type: _Optional[str] = ..., expires_in: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., lease_id: _Optional[str] = ..., task_id: _Optional[str] = ..., scope: _Optional[_Iterable[str]] = ..., ttl_capped_by: _Optional[str] = ..., state: _Optional[str] = ..., approval_id: _Optional[str] = ..., secret: _Optional[_Union[Secret, _Mapping]] = ...) -> None: ...
+
+class Secret(_message.Message):
+    __slots__ = ("backend", "fields", "expires_at")
+    class FieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    fields: _containers.ScalarMap[str, str]
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, backend: _Optional[str] = ..., fields: _Optional[_Mapping[str, str]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
     __slots__ = ("lease_id", "ttl_seconds")
@@ -155,7 +174,7 @@ class RevocationEvent(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., task_id: _Optional[str] = ..., subject: _Optional[str] = ..., audience: _Optional[str] = ..., reason: _Optional[str] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., initiator: _Optional[str] = ..., cursor: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("id", "task_id", "subject", "client_id", "audience", "scope", "resource", "state", "issued_at", "expires_at", "revoked_at", "reason", "parent", "children", "actor_chain")
+    __slots__ = ("id", "task_id", "subject", "client_id", "audience", "scope", "resource", "state", "issued_at", "expires_at", "revoked_at", "reason", "parent", "children", "actor_chain", "backend", "role", "revocation")
     ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +190,9 @@ class Lease(_message.Message):
     PARENT_FIELD_NUMBER: _ClassVar[int]
     CHILDREN_FIELD_NUMBER: _ClassVar[int]
     ACTOR_CHAIN_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REVOCATION_FIELD_NUMBER: _ClassVar[int]
     id: str
     task_id: str
     subject: str
@@ -186,23 +208,40 @@ class Lease(_message.Message):
     parent: str
     children: _containers.RepeatedScalarFieldContainer[str]
     actor_chain: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., subject: _Optional[str] = ..., client_id: _Optional[str] = ..., audience: _Optional[str] = ..., scope: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., state: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., parent: _Optional[str] = ..., children: _Optional[_Iterable[str]] = ..., actor_chain: _Optional[_Iterable[str]] = ...) -> None: ...
+    backend: str
+    role: str
+    revocation: BackendRevocation
+    def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., subject: _Optional[str] = ..., client_id: _Optional[str] = ..., audience: _Optional[str] = ..., scope: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., state: _Optional[str] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., parent: _Optional[str] = ..., children: _Optional[_Iterable[str]] = ..., actor_chain: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., role: _Optional[str] = ..., revocation: _Optional[_Union[BackendRevocation, _Mapping]] = ...) -> None: ...
+
+class BackendRevocation(_message.Message):
+    __slots__ = ("state", "attempts", "last_error", "next_attempt_at")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    attempts: int
+    last_error: str
+    next_attempt_at: _timestamp_pb2.Timestamp
+    def __init__(self, state: _Optional[str] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListLeasesRequest(_message.Message):
-    __slots__ = ("task_id", "subject", "audience", "include_inactive", "page_size", "page_token")
+    __slots__ = ("task_id", "subject", "audience", "include_inactive", "page_size", "page_token", "revoke_pending")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_INACTIVE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_PENDING_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     subject: str
     audience: str
     include_inactive: bool
     page_size: int
     page_token: str
-    def __init__(self, task_id: _Optional[str] = ..., subject: _Optional[str] = ..., audience: _Optional[str] = ..., include_inactive: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    revoke_pending: bool
+    def __init__(self, task_id: _Optional[str] = ..., subject: _Optional[str] = ..., audience: _Optional[str] = ..., include_inactive: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., revoke_pending: _Optional[bool] = ...) -> None: ...
 
 class ListLeasesResponse(_message.Message):
     __slots__ = ("leases", "next_page_token")

@@ -10,6 +10,7 @@ from broker.api import convert
 from broker.api.auth import Authenticator
 from broker.api.status import rpc
 from broker.domain.errors import InvalidRequest
+from broker.leases.events import Lease
 from broker.usecases.operations import Admin
 
 MAX_NOTE = 1024
@@ -34,14 +35,16 @@ class BrokerAdminServicer(pb_grpc.BrokerAdminServicer):
         page = self._admin.list_leases(
             convert.lease_filter(request), page_size=request.page_size, page_token=request.page_token
         )
-        leases = [convert.lease(lease, self._admin.children(lease.id)) for lease in page.leases]
+        leases = [self._lease(lease) for lease in page.leases]
         return pb.ListLeasesResponse(leases=leases, next_page_token=page.next_page_token)
 
     @rpc
     async def GetLease(self, request: pb.GetLeaseRequest, context: aio.ServicerContext) -> pb.Lease:
         await self._auth.admin(context)
-        lease = self._admin.get_lease(request.lease_id)
-        return convert.lease(lease, self._admin.children(lease.id))
+        return self._lease(self._admin.get_lease(request.lease_id))
+
+    def _lease(self, lease: Lease) -> pb.Lease:
+        return convert.lease(lease, self._admin.children(lease.id), self._admin.revocation(lease.id))
 
     @rpc
     async def Revoke(self, request: pb.RevokeRequest, context: aio.ServicerContext) -> pb.RevokeResponse:

@@ -6,6 +6,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto import broker_pb2 as pb
 from broker.approvals.store import Approval
+from broker.backends.base import Secret
+from broker.backends.pending import PendingRevocation
 from broker.domain.intent import TOKEN_TYPE_ACCESS_TOKEN, Intent, Limits
 from broker.leases.table import Lease, LeaseState
 from broker.policy.engine import Decision
@@ -53,7 +55,28 @@ def exchange_response(issued: Issued, *, now: float) -> pb.ExchangeResponse:
         ttl_capped_by=issued.ttl_capped_by,
         state=issued.state,
         approval_id=issued.approval_id,
+        secret=secret(issued.secret),
     )
+
+
+def secret(value: Secret | None) -> pb.Secret | None:
+    if value is None:
+        return None
+    return pb.Secret(backend=value.backend, fields=dict(value.fields), expires_at=timestamp(value.expires_at))
+
+
+def backend_revocation(record: Lease, pending: PendingRevocation | None) -> pb.BackendRevocation | None:
+    """ACTIVE while the lease lives, PENDING while its role waits to be dropped, DONE after."""
+    if record.role is None:
+        return None
+    if pending is not None:
+        return pb.BackendRevocation(
+            state="PENDING",
+            attempts=pending.attempts,
+            last_error=pending.last_error,
+            next_attempt_at=timestamp(pending.next_attempt_at),
+        )
+    return pb.BackendRevocation(state="ACTIVE" if record.state is LeaseState.ACTIVE else "DONE")
 
 
 def introspect_response(result: Introspection) -> pb.IntrospectResponse:
@@ -86,7 +109,7 @@ def revocation_event(lease: Lease, cursor: str = "") -> pb.RevocationEvent:
     )
 
 
-def lease(record: Lease, children: tuple[str, ...]) -> pb.Lease:
+def lease(record: Lease, children: tuple[str, ...], pending: PendingRevocation | None = None) -> pb.Lease:
     ended = record.state is not LeaseState.ACTIVE
     return pb.Lease(
         id=record.id,
@@ -104,6 +127,9 @@ def lease(record: Lease, children: tuple[str, ...]) -> pb.Lease:
         parent=record.parent_id or "",
         children=list(children),
         actor_chain=list(record.actor_chain),
+        backend=record.backend or "",
+        role=record.role or "",
+        revocation=backend_revocation(record, pending),
     )
 
 
@@ -113,6 +139,7 @@ def lease_filter(request: pb.ListLeasesRequest) -> LeaseFilter:
         subject=request.subject,
         audience=request.audience,
         include_inactive=request.include_inactive,
+        revoke_pending=request.revoke_pending,
     )
 
 

@@ -75,7 +75,7 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         caller = await self._auth.issuing_caller(context)
         if request.ttl_seconds < 0:
             raise InvalidRequest("ttl_seconds must not be negative")
-        issued = self._leasing.renew(caller, _id(request.lease_id, "lease_id"), request.ttl_seconds)
+        issued = await self._leasing.renew(caller, _id(request.lease_id, "lease_id"), request.ttl_seconds)
         return convert.exchange_response(issued, now=self._clock.now())
 
     @rpc

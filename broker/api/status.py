@@ -28,6 +28,8 @@ STATUS: dict[type[errors.BrokerError], grpc.StatusCode] = {
     errors.InvalidSpiffeId: grpc.StatusCode.INVALID_ARGUMENT,
     errors.CredentialRejected: grpc.StatusCode.UNAUTHENTICATED,
     errors.IssuerUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.TaskConflict: grpc.StatusCode.PERMISSION_DENIED,

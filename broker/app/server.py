@@ -18,9 +18,13 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.api.admin import BrokerAdminServicer
 from broker.api.auth import Authenticator, Listener
+from broker.api.guard import CallGuard, Slots
 from broker.api.http import HttpListener
 from broker.api.servicers import CredentialBrokerServicer
 from broker.approvals.store import ApprovalStore
+from broker.backends.base import BackendStatus
+from broker.backends.manager import Backends
+from broker.backends.postgres import PostgresBackend
 from broker.config.settings import Config
 from broker.domain.clock import Clock, SystemClock
 from broker.domain.errors import ConfigError
@@ -49,6 +53,7 @@ MAX_METADATA_BYTES = 32 * 1024
 # Ended leases stay visible (Introspect "inactive", Renew FAILED_PRECONDITION, ListLeases --all)
 # this long after their last token's exp, then are forgotten: memory stays bounded under churn.
 TOMBSTONE_GRACE_SECONDS = 300.0
+PENDING_QUEUE_FLOOR = 10_000
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["CredentialBroker"].full_name,
     pb.DESCRIPTOR.services_by_name["BrokerAdmin"].full_name,
@@ -114,6 +119,8 @@ class BrokerApp:
     reaper: Reaper
     verifiers: Verifiers
     limiter: RateLimiter
+    backends: Backends
+    slots: Slots | None = None
     servers: dict[Listener, aio.Server] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     http: HttpListener | None = None
@@ -129,28 +136,58 @@ class BrokerApp:
             _read(td.bundle, f"trust_domains[{i}].bundle") for i, td in enumerate(self.config.trust_domains)
         )
         self.health = health.aio.HealthServicer()
+        # Shared by both listeners: the concurrency limit is the process's, not a port's.
+        self.slots = Slots(self.config.limits.max_concurrent_rpcs)
         mtls = grpc.ssl_server_credentials([(key, cert_chain)], root_certificates=roots, require_client_auth=True)
         self.ports["mtls"] = await self._serve(Listener.MTLS, cfg.listen, mtls)
         if cfg.token_listen:
             tls = grpc.ssl_server_credentials([(key, cert_chain)], require_client_auth=False)
             self.ports["token"] = await self._serve(Listener.TOKEN, cfg.token_listen, tls)
         if cfg.http_listen:
-            self.http = HttpListener(cfg.http_listen, minter=self.minter, leases=self.leases, issuer=str(cfg.spiffe_id))
+            self.http = HttpListener(
+                cfg.http_listen,
+                minter=self.minter,
+                leases=self.leases,
+                issuer=self.config.tokens.issuer,
+                algorithm=self.config.tokens.algorithm,
+                backends=self.backends,
+            )
             try:
                 self.ports["http"] = self.http.start()
             except OSError as e:
                 raise ConfigError("server.http_listen", f"cannot listen on {cfg.http_listen}: {e.strerror}") from e
         for name in (*SERVICE_NAMES[:2], ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._watch_backends()
         self._tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
-        log.info("broker serving", extra={"ports": dict(self.ports), "issuer": str(cfg.spiffe_id)})
+        log.info("broker serving", extra={"ports": dict(self.ports), "issuer": issuer_of(self.config)})
+
+    async def _watch_backends(self) -> None:
+        """Health service `backend:<name>` per backend: NOT_SERVING until it answers, and while it is down."""
+        health_servicer = self.health
+        assert health_servicer is not None
+
+        def on_status(name: str, status: BackendStatus) -> None:
+            code = health_pb2.HealthCheckResponse.SERVING if status.up else health_pb2.HealthCheckResponse.NOT_SERVING
+            self._tasks.append(asyncio.ensure_future(health_servicer.set(f"backend:{name}", code)))
+
+        for name in self.backends.names():
+            await health_servicer.set(f"backend:{name}", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.backends.on_status(on_status)
+        await self.backends.start()
 
     async def _serve(self, listener: Listener, address: str, creds: grpc.ServerCredentials) -> int:
         server = aio.server(
+            interceptors=[CallGuard(self.slots)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
                 ("grpc.so_reuseport", 0),
+                # gRPC core cancels calls that wait unmatched beyond its pending queue (1,000 by
+                # default): a burst would end as CANCELLED before the guard could refuse it with
+                # a reason. A deeper queue lets every call reach the guard (or its deadline).
+                ("grpc.server.max_pending_requests", self._pending_limit()),
+                ("grpc.server.max_pending_requests_hard_limit", self._pending_limit()),
             ]
         )
         auth = Authenticator(
@@ -186,6 +223,9 @@ class BrokerApp:
         self.servers[listener] = server
         return port
 
+    def _pending_limit(self) -> int:
+        return max(PENDING_QUEUE_FLOOR, 10 * self.config.limits.max_concurrent_rpcs)
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting calls, let running ones finish for `grace` seconds, stop the loops."""
         if self.health is not None:
@@ -195,6 +235,7 @@ class BrokerApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.gather(*(server.stop(grace) for server in self.servers.values()))
+        await self.backends.close()
         if self.http is not None:
             self.http.stop()
         self.audit.close()
@@ -210,6 +251,11 @@ class BrokerApp:
             return
         log.info("policy reloaded", extra={"policy_version": version})
         self.audit.record("policy.reloaded", operator="signal:SIGHUP", policy_version=version)
+
+
+def issuer_of(config: Config) -> str:
+    """`iss` of minted tokens: `tokens.issuer` when set, else the broker's SPIFFE ID."""
+    return config.tokens.issuer or str(config.server.spiffe_id)
 
 
 def _limits(config: Config) -> Limits:
@@ -230,7 +276,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> BrokerApp:
     """
     # What reads a file is built here, before anything is wired: a bad config fails early.
     clock = clock or SystemClock()
-    minter = TokenMinter(str(config.server.spiffe_id), build_signing_key(config))
+    minter = TokenMinter(issuer_of(config), build_signing_key(config))
     policy = PolicyEngine.from_files(config.policy.file, config.policy.entities)
     audit = _open_audit(config, clock)
     verifiers = build_verifiers(config, clock)
@@ -240,7 +286,7 @@ def build_app(config: Config, *, clock: Clock | None = None) -> BrokerApp:
 def _open_audit(config: Config, clock: Clock) -> AuditLog:
     """Raises: ConfigError when the audit log cannot be opened."""
     try:
-        return AuditLog.open(config.audit.path, clock=clock)
+        return AuditLog.open(config.audit.path, clock=clock, on_failure=config.audit.on_failure)
     except OSError as e:
         raise ConfigError("audit.path", f"cannot open {config.audit.path}: {e.strerror}") from e
 
@@ -248,7 +294,7 @@ def _open_audit(config: Config, clock: Clock) -> AuditLog:
 def _settings(config: Config) -> Settings:
     tokens = config.tokens
     return Settings(
-        issuer=str(config.server.spiffe_id),
+        issuer=issuer_of(config),
         default_ttl=tokens.default_ttl,
         max_ttl=tokens.max_ttl,
         max_task_lifetime=tokens.max_task_lifetime,
@@ -263,12 +309,14 @@ def _wire(
     config: Config, clock: Clock, *, minter: TokenMinter, policy: PolicyEngine, audit: AuditLog, verifiers: Verifiers
 ) -> BrokerApp:
     """The lease table, the use cases and the loops around the built parts, as a `BrokerApp`."""
-    # Construction order is subscription order: lease events reach audit, feed, reaper.
+    # Construction order is subscription order: lease events reach audit, backends, feed, reaper.
     leases = LeaseTable(tombstone_grace=TOMBSTONE_GRACE_SECONDS)
     leases.subscribe(audit.on_event)
+    backends = Backends([PostgresBackend(b) for b in config.backends], clock=clock, audit=audit)
+    leases.subscribe(backends.on_event)
     approvals = ApprovalStore()
     settings = _settings(config)
-    issuer = Issuer(leases=leases, minter=minter, audit=audit, clock=clock, settings=settings)
+    issuer = Issuer(leases=leases, minter=minter, audit=audit, clock=clock, settings=settings, backends=backends)
     exchange = Exchange(
         verifiers=verifiers,
         policy=policy,
@@ -279,11 +327,21 @@ def _wire(
         audit=audit,
         clock=clock,
         settings=settings,
+        backends=backends,
     )
     leasing = Leasing(
-        policy=policy, leases=leases, minter=minter, issuer=issuer, audit=audit, clock=clock, settings=settings
+        policy=policy,
+        leases=leases,
+        minter=minter,
+        issuer=issuer,
+        audit=audit,
+        clock=clock,
+        settings=settings,
+        backends=backends,
     )
-    admin = Admin(leases=leases, policy=policy, approvals=approvals, minter=minter, audit=audit, clock=clock)
+    admin = Admin(
+        leases=leases, policy=policy, approvals=approvals, minter=minter, audit=audit, clock=clock, backends=backends
+    )
     return BrokerApp(
         config=config,
         clock=clock,
@@ -303,4 +361,5 @@ def _wire(
         reaper=Reaper(leases=leases, approvals=approvals, minter=minter, clock=clock),
         verifiers=verifiers,
         limiter=RateLimiter(rate=config.limits.rate_per_second, burst=config.limits.rate_burst),
+        backends=backends,
     )

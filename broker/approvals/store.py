@@ -109,6 +109,13 @@ class ApprovalStore:
             raise ApprovalNotPending(f"approval is {approval.state.value.lower()}, not {state.value.lower()}")
         return approval
 
+    def pending(self, approval_id: str, *, now: float) -> Approval:
+        """The undecided, unexpired approval `approval_id`; changes nothing but expiry.
+
+        Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending.
+        """
+        return self._expect(approval_id, ApprovalState.PENDING, now, before="a decision")
+
     def approve(self, approval_id: str, *, by: str, note: str, now: float) -> Approval:
         """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending."""
         approval = self._expect(approval_id, ApprovalState.PENDING, now, before="a decision")

@@ -137,6 +137,9 @@ def _leases_parsers(commands: argparse._SubParsersAction) -> None:
     ls.add_argument("--audience", default="", help="only leases for this audience")
     ls.add_argument("--all", action="store_true", help="also revoked and expired leases still remembered")
     ls.add_argument("--limit", type=_positive_int, help="at most this many leases")
+    ls.add_argument(
+        "--revoke-pending", action="store_true", help="only leases whose dynamic secret is not yet revoked downstream"
+    )
     _leaf(leases, "show", leases_show, "show one lease").add_argument("lease_id", metavar="ID")
 
 
@@ -187,7 +190,7 @@ def leases_list(call: Call, args: argparse.Namespace) -> str:
         want = PAGE_SIZE if args.limit is None else min(args.limit - len(leases), PAGE_SIZE)
         request = pb.ListLeasesRequest(
             task_id=args.task, subject=args.subject, audience=args.audience,
-            include_inactive=args.all, page_size=want, page_token=token,
+            include_inactive=args.all, page_size=want, page_token=token, revoke_pending=args.revoke_pending,
         )  # fmt: skip
         page = call.admin.ListLeases(request, timeout=call.timeout)
         leases.extend(page.leases)

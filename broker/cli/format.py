@@ -106,8 +106,20 @@ def lease_block(lease: pb.Lease, *, now: float) -> str:
             ("parent", lease.parent),
             ("children", _joined(lease.children)),
             ("actor chain", " <- ".join(lease.actor_chain)),
+            ("backend", lease.backend),
+            ("role", lease.role),
+            ("revocation", revocation_text(lease.revocation, now=now) if lease.HasField("revocation") else ""),
         ]
     )
+
+
+def revocation_text(revocation: pb.BackendRevocation, *, now: float) -> str:
+    """`PENDING (3 attempts, next in 4s): last error`, or just the state."""
+    if revocation.state != "PENDING":
+        return revocation.state
+    attempts = f"{revocation.attempts} failed attempt{'' if revocation.attempts == 1 else 's'}"
+    text = f"PENDING ({attempts}, next in {duration(seconds(revocation.next_attempt_at) - now)})"
+    return f"{text}: {revocation.last_error}" if revocation.last_error else text
 
 
 def approval_table(approvals: Sequence[pb.Approval], *, now: float) -> str:

@@ -19,7 +19,6 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from broker.config.settings import load_config
 from broker.domain.errors import ConfigError, PolicyError
 
 EXIT_OK = 0
@@ -66,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(config_path: Path) -> int:
+    # Imported here, after the server-extra check: configuration and wiring need the server's parts.
     from broker.app.server import build_app
+    from broker.config.settings import load_config
 
     app = build_app(load_config(config_path))
     try:
@@ -107,7 +108,7 @@ def run(main_coro: Coroutine[Any, Any, int]) -> int:
 
 
 # What the `server` extra brings; the base install is the SDKs alone.
-SERVER_MODULES = ("cedarpy", "prometheus_client", "grpc_health", "grpc_reflection")
+SERVER_MODULES = ("cedarpy", "prometheus_client", "grpc_health", "grpc_reflection", "psycopg", "psycopg_pool")
 
 
 def _missing_server_part() -> str | None:

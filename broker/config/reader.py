@@ -137,6 +137,20 @@ def check_url(value: str, key: str) -> str:
     return value
 
 
+def check_issuer_url(value: str, key: str) -> str:
+    """An OAuth/OIDC issuer identifier (RFC 8414 2, OIDC Discovery 3): https, a host, no query or fragment."""
+    try:
+        parts = urlsplit(value)
+        _ = parts.port
+    except ValueError as e:
+        raise ConfigError(key, f"not a url: {value!r}") from e
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(key, f"must be an https:// url, not {value!r}")
+    if parts.username is not None or parts.query or parts.fragment:
+        raise ConfigError(key, "must not have user info, a query or a fragment")
+    return value
+
+
 def check_spiffe_pattern(value: str, key: str) -> str:
     """A SPIFFE ID, or a glob whose `*` stand for valid characters of one."""
     if not value.startswith(SCHEME):

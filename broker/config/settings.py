@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker.config.backends import BackendConfig, backend, check_backends
 from broker.config.reader import (
     Table,
+    check_issuer_url,
     check_listen,
     check_spiffe_pattern,
     check_url,
@@ -70,6 +72,9 @@ class TokensConfig:
     max_task_lifetime: float = 28800
     max_delegation_depth: int = 3
     clock_skew: float = 30
+    # The https issuer URL: `iss` of minted tokens and of the discovery document. None: the
+    # broker's SPIFFE ID is `iss`, and no discovery document is served.
+    issuer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +89,14 @@ class AdminConfig:
     introspectors: tuple[str, ...] = ()
 
 
+AUDIT_ON_FAILURE = ("refuse", "continue")
+
+
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
     path: str = "-"  # "-" is stdout, else an absolute file path
+    # "refuse": no issuance, renewal or approval that cannot be recorded; "continue": log and go on.
+    on_failure: str = "refuse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +117,8 @@ class LimitsConfig:
     watch_buffer: int = 65536
     # Open WatchRevocations streams one watcher principal may hold at once.
     max_streams_per_watcher: int = 8
+    # Unary calls running at once across the listeners; one more is RESOURCE_EXHAUSTED at once.
+    max_concurrent_rpcs: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +133,7 @@ class Config:
     approvals: ApprovalsConfig
     limits: LimitsConfig
     source: Path
+    backends: tuple[BackendConfig, ...] = ()
 
     def trust_domain(self, name: str | TrustDomain) -> TrustDomainConfig | None:
         """The configured trust domain called `name`, or None."""
@@ -200,8 +213,16 @@ def _oidc_issuer(t: Table) -> OidcIssuerConfig:
 
 def _tokens(t: Table) -> TokensConfig:
     t.allow(
-        "signing_key", "algorithm", "default_ttl", "max_ttl", "max_task_lifetime", "max_delegation_depth", "clock_skew"
+        "signing_key",
+        "algorithm",
+        "default_ttl",
+        "max_ttl",
+        "max_task_lifetime",
+        "max_delegation_depth",
+        "clock_skew",
+        "issuer",
     )
+    issuer = t.string("issuer", None)
     d = TokensConfig()
     algorithm = t.string("algorithm", d.algorithm)
     if algorithm not in ALGORITHMS:
@@ -214,6 +235,7 @@ def _tokens(t: Table) -> TokensConfig:
         max_task_lifetime=t.duration("max_task_lifetime", d.max_task_lifetime),
         max_delegation_depth=t.integer("max_delegation_depth", d.max_delegation_depth, 0, MAX_DEPTH),
         clock_skew=t.duration("clock_skew", d.clock_skew),
+        issuer=None if issuer is None else check_issuer_url(issuer, t.sub("issuer")),
     )
     if tokens.default_ttl > tokens.max_ttl:
         raise ConfigError(t.sub("default_ttl"), "must not exceed tokens.max_ttl")
@@ -241,14 +263,17 @@ def _admin(t: Table) -> AdminConfig:
 
 
 def _audit(t: Table) -> AuditConfig:
-    t.allow("path")
+    t.allow("path", "on_failure")
+    on_failure = t.string("on_failure", AuditConfig().on_failure)
+    if on_failure not in AUDIT_ON_FAILURE:
+        raise ConfigError(t.sub("on_failure"), f"must be one of {', '.join(AUDIT_ON_FAILURE)}, not {on_failure!r}")
     value = t.string("path", "-")
     if value == "-":
-        return AuditConfig()
+        return AuditConfig(on_failure=on_failure)
     resolved = resolve_path(t.base, value)
     if not resolved.parent.is_dir():
         raise ConfigError(t.sub("path"), f"folder not found: {resolved.parent}")
-    return AuditConfig(path=str(resolved))
+    return AuditConfig(path=str(resolved), on_failure=on_failure)
 
 
 def _approvals(t: Table) -> ApprovalsConfig:
@@ -264,6 +289,7 @@ def _limits(t: Table) -> LimitsConfig:
         "rate_per_second",
         "rate_burst",
         "watch_buffer",
+        "max_concurrent_rpcs",
         "max_streams_per_watcher",
     )
     d = LimitsConfig()
@@ -273,6 +299,7 @@ def _limits(t: Table) -> LimitsConfig:
         max_actions=t.integer("max_actions", d.max_actions, 1),
         rate_per_second=t.integer("rate_per_second", d.rate_per_second, 1),
         rate_burst=t.integer("rate_burst", d.rate_burst, 1),
+        max_concurrent_rpcs=t.integer("max_concurrent_rpcs", d.max_concurrent_rpcs, 1, 1_000_000),
         watch_buffer=t.integer("watch_buffer", d.watch_buffer, 1, 10_000_000),
         max_streams_per_watcher=t.integer("max_streams_per_watcher", d.max_streams_per_watcher, 1, 10_000),
     )
@@ -319,7 +346,10 @@ def load_config(path: Path) -> Config:
     """
     source = Path(os.path.abspath(path))
     root = Table(_read(source), "", source.parent)
-    sections = ("server", "trust_domains", "oidc_issuers", "tokens", "policy", "admin", "audit", "approvals", "limits")
+    sections = (
+        "server", "trust_domains", "oidc_issuers", "tokens", "policy", "admin", "audit", "approvals", "limits",
+        "backends",
+    )  # fmt: skip
     unknown = sorted(set(root.data) - set(sections))
     if unknown:
         raise ConfigError(unknown[0], "unknown section")
@@ -330,6 +360,8 @@ def load_config(path: Path) -> Config:
     _unique(trust_domains, "name", "trust_domains")
     oidc_issuers = [_oidc_issuer(t) for t in _array(root, "oidc_issuers")]
     _unique(oidc_issuers, "issuer", "oidc_issuers")
+    backends = [backend(t) for t in _array(root, "backends")]
+    check_backends(backends)
     return Config(
         server=server,
         trust_domains=tuple(trust_domains),
@@ -341,4 +373,5 @@ def load_config(path: Path) -> Config:
         approvals=_approvals(_section(root, "approvals")),
         limits=_limits(_section(root, "limits")),
         source=source,
+        backends=tuple(backends),
     )

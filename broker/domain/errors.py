@@ -35,6 +35,14 @@ class IssuerUnavailable(BrokerError):
     """An OIDC issuer's keys could not be fetched."""
 
 
+class AuditUnavailable(BrokerError):
+    """The audit trail cannot record this request, and `audit.on_failure` is "refuse"."""
+
+
+class BackendUnavailable(BrokerError):
+    """A dynamic-secret backend (a database) cannot be reached or refused the change; `reason` names it."""
+
+
 class PermissionDenied(BrokerError):
     """The caller is authenticated but may not do this (not an admin, not the audience)."""
 

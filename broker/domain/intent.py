@@ -11,15 +11,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from broker.domain.errors import InvalidRequest
+from broker.domain.errors import InvalidRequest, InvalidSpiffeId
+from broker.domain.identity import MAX_ID_BYTES, SCHEME, SpiffeId
 
 _TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
 # No "*": a granted scope must never read as a wildcard to a resource server.
 _ACTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+# C0 and C1 control characters: never part of a principal id an operator must be able to type.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _CONTEXT_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 MAX_AUDIENCE = 512
 MAX_RESOURCE = 512
 MAX_TTL_SECONDS = 366 * 24 * 3600
+MAX_PRINCIPAL = MAX_ID_BYTES
+MAX_LEASE_ID = 256
 
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
 TOKEN_TYPE_ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
@@ -45,6 +50,41 @@ def _printable(value: str, name: str, limit: int) -> str:
     if not value.isprintable() or " " in value or '"' in value or "\\" in value:
         raise InvalidRequest(f"{name} must not contain spaces, quotes, backslashes or control characters")
     return value
+
+
+def check_resource(resource: str) -> str:
+    """Raises: InvalidRequest when `resource` is empty, oversized or has spaces, quotes or controls."""
+    return _printable(resource, "resource", MAX_RESOURCE)
+
+
+def check_principal(principal: str, name: str = "principal") -> str:
+    """A principal id as policy and leases know it: a SPIFFE ID, or a mapped OIDC id.
+
+    Raises:
+        InvalidRequest: empty, longer than 2048 bytes, a control character, or a `spiffe://`
+            id that breaks the SPIFFE-ID rules (the error names `name`).
+    """
+    if not principal:
+        raise InvalidRequest(f"{name} is required")
+    if len(principal) > MAX_PRINCIPAL or len(principal.encode("utf-8", "surrogatepass")) > MAX_PRINCIPAL:
+        raise InvalidRequest(f"{name} is longer than {MAX_PRINCIPAL} bytes")
+    if CONTROL_CHARS.search(principal):
+        raise InvalidRequest(f"{name} must not contain control characters")
+    if principal.startswith(SCHEME):
+        try:
+            SpiffeId.parse(principal)
+        except InvalidSpiffeId as e:
+            raise InvalidRequest(f"{name} is not a valid SPIFFE ID: {e.reason}") from e
+    return principal
+
+
+def check_lease_id(lease_id: str) -> str:
+    """Raises: InvalidRequest when `lease_id` is empty or longer than 256 characters."""
+    if not lease_id:
+        raise InvalidRequest("lease_id is required")
+    if len(lease_id) > MAX_LEASE_ID:
+        raise InvalidRequest(f"lease_id is longer than {MAX_LEASE_ID} characters")
+    return lease_id
 
 
 def check_task_id(task_id: str) -> str:
@@ -136,7 +176,7 @@ class Intent:
         if audience or not delegated:
             _printable(audience, "audience", MAX_AUDIENCE)
         if resource or not delegated:
-            _printable(resource, "resource", MAX_RESOURCE)
+            check_resource(resource)
         if ttl_seconds < 0 or ttl_seconds > MAX_TTL_SECONDS:
             raise InvalidRequest(f"ttl_seconds must be between 0 and {MAX_TTL_SECONDS}")
         return cls(

@@ -36,6 +36,8 @@ class Reason(StrEnum):
     OPERATOR = "OPERATOR"
     PARENT_REVOKED = "PARENT_REVOKED"
     RENEWAL_DENIED = "RENEWAL_DENIED"
+    # Granted, but its token's audit record could not be written: the token was never handed out.
+    AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
 
 
 class TaskState(StrEnum):
@@ -63,7 +65,8 @@ class Lease:
     `actor_chain` lists the current actor first; `depth` is the delegation depth.
     `context` is the policy context the lease was decided with (re-checked on renewal) and
     `not_after` the subject token's own expiry, a cap on renewals and on delegated leases;
-    the table stores both and never reads them.
+    the table stores both and never reads them. `backend` and `role` name the downstream
+    credential (a database login role) that lives and dies with the lease, when there is one.
     """
 
     id: str
@@ -86,6 +89,8 @@ class Lease:
     initiator: str | None = None
     context: Mapping[str, Any] = field(default_factory=lambda: _NO_CONTEXT, hash=False)
     not_after: float | None = None
+    backend: str | None = None
+    role: str | None = None
 
     def is_active(self, now: float) -> bool:
         """True while the lease is ACTIVE and `now` is before its expiry."""
@@ -116,6 +121,8 @@ class Lease:
             initiator,
             self.context,
             self.not_after,
+            self.backend,
+            self.role,
         )
 
 

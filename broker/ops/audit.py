@@ -20,8 +20,10 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from broker.domain.clock import Clock
+from broker.domain.errors import AuditUnavailable
 from broker.jose.jws import token_hash
 from broker.leases.events import Event, LeaseEnded, LeaseGranted, LeaseRenewed, LeaseState, TaskClosed, TaskOpened
+from broker.ops.metrics import AUDIT_FAILED_WRITES
 
 log = logging.getLogger(__name__)
 
@@ -113,45 +115,65 @@ def _field_value(name: str, value: Any) -> Any:
     return _scrub(value)
 
 
+ON_FAILURE = ("refuse", "continue")
+
+
 class AuditLog:
     """Writes audit records as JSON lines to a text sink, flushed per record.
 
-    Writing never raises into the caller: a failed write is logged once (and again only after
-    a write has succeeded in between) and counted in `failed_writes`.
+    A failed write is logged once (and again only after a write has succeeded in between) and
+    counted in `failed_writes`. `record` never raises into the caller; `require` is for the
+    records a grant depends on (an allowing decision, an issued token, an approval): with
+    `on_failure="refuse"` it raises `AuditUnavailable`, so nothing is issued unrecorded.
     """
 
-    def __init__(self, sink: TextIO, *, clock: Clock, owns_sink: bool = False) -> None:
+    def __init__(self, sink: TextIO, *, clock: Clock, owns_sink: bool = False, on_failure: str = "refuse") -> None:
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE)}")
         self._sink = sink
         self._clock = clock
         self._owns_sink = owns_sink
+        self._refuse = on_failure == "refuse"
         self._lock = threading.Lock()
         self._failing = False
         self.failed_writes = 0
 
     @classmethod
-    def open(cls, path: str, *, clock: Clock) -> AuditLog:
+    def open(cls, path: str, *, clock: Clock, on_failure: str = "refuse") -> AuditLog:
         """Open the audit log: "-" is stdout; any other path is appended to, created with mode 0600.
 
         Raises:
             OSError: the file cannot be opened (missing folder, no permission, a directory).
         """
         if path == "-":
-            return cls(sys.stdout, clock=clock)
+            return cls(sys.stdout, clock=clock, on_failure=on_failure)
         fd = os.open(path, _FILE_FLAGS, 0o600)
         try:
             sink = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
         except BaseException:
             os.close(fd)
             raise
-        return cls(sink, clock=clock, owns_sink=True)
+        return cls(sink, clock=clock, owns_sink=True, on_failure=on_failure)
 
-    def record(self, kind: str, /, **fields: Any) -> None:
+    def record(self, kind: str, /, **fields: Any) -> bool:
         """Write {"ts", "kind", **fields}; None values are dropped, `*_at` times become RFC 3339.
+
+        Returns whether the record was written.
 
         Raises:
             ValueError: a field name that could carry a token or key, or a reserved name.
         """
-        self._write(self._clock.now(), kind, fields)
+        return self._write(self._clock.now(), kind, fields)
+
+    def require(self, kind: str, /, **fields: Any) -> None:
+        """Write a record that what follows depends on; as `record` otherwise.
+
+        Raises:
+            AuditUnavailable: the write failed and `on_failure` is "refuse".
+            ValueError: a field name that could carry a token or key, or a reserved name.
+        """
+        if not self._write(self._clock.now(), kind, fields) and self._refuse:
+            raise AuditUnavailable("audit unavailable")
 
     def on_event(self, event: Event) -> None:
         """LeaseTable subscriber: one record per event, stamped with the event's own time."""
@@ -166,9 +188,12 @@ class AuditLog:
         """Close the sink if this log opened it (stdout stays open)."""
         with self._lock:
             if self._owns_sink and not self._sink.closed:
-                self._sink.close()
+                try:
+                    self._sink.close()
+                except OSError as e:  # a full disk fails the final flush too: stopping must not
+                    log.error("audit log not closed cleanly", extra={"error": str(e)})
 
-    def _write(self, ts: float, kind: str, fields: Mapping[str, Any]) -> None:
+    def _write(self, ts: float, kind: str, fields: Mapping[str, Any]) -> bool:
         record: dict[str, Any] = {"ts": rfc3339(ts), "kind": kind}
         for name, value in fields.items():
             _check_name(name)
@@ -181,13 +206,15 @@ class AuditLog:
                 self._sink.flush()
             except (OSError, ValueError) as e:  # ValueError: the sink was closed under us
                 self.failed_writes += 1
+                AUDIT_FAILED_WRITES.inc()
                 if not self._failing:
                     self._failing = True
                     log.error("audit write failed", extra={"kind": kind, "error": str(e)})
-                return
+                return False
             if self._failing:
                 self._failing = False
                 log.warning("audit writes recovered", extra={"failed_writes": self.failed_writes})
+            return True
 
 
 def _lease_fields(event: LeaseGranted | LeaseEnded) -> dict[str, Any]:
@@ -204,6 +231,8 @@ def _lease_fields(event: LeaseGranted | LeaseEnded) -> dict[str, Any]:
         "actor_chain": list(lease.actor_chain) or None,
         "depth": lease.depth or None,
         "expires_at": lease.expires_at,
+        "backend": lease.backend,
+        "role": lease.role,
     }
 
 

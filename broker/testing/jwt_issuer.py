@@ -218,6 +218,8 @@ class OidcProvider:
         self._port = port
         self._lock = threading.Lock()
         self._available = True
+        self._released = threading.Event()
+        self._released.set()
         self._jwks_requests = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -275,6 +277,14 @@ class OidcProvider:
         with self._lock:
             self._available = up
 
+    def hold(self) -> None:
+        """From now on every GET waits (at most 30 s) until `release()`: a stalled issuer."""
+        self._released.clear()
+
+    def release(self) -> None:
+        """Answer the GETs waiting since `hold()`, and every later one at once."""
+        self._released.set()
+
     def jwks(self) -> dict[str, Any]:
         return self._ring.jwks()
 
@@ -312,6 +322,7 @@ class OidcProvider:
         return self._ring.mint(payload, alg=alg, kid=kid, key=None, headers=headers)
 
     def _respond(self, path: str) -> tuple[int, dict[str, Any]]:
+        self._released.wait(30)
         with self._lock:
             if path == JWKS_PATH:
                 self._jwks_requests += 1

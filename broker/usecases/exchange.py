@@ -12,6 +12,7 @@ import secrets
 from dataclasses import replace
 
 from broker.approvals.store import Approval, ApprovalState, ApprovalStore
+from broker.backends.manager import Backends
 from broker.domain.clock import Clock
 from broker.domain.errors import (
     ApprovalDenied,
@@ -51,8 +52,10 @@ class Exchange:
         audit: AuditLog,
         clock: Clock,
         settings: Settings,
+        backends: Backends | None = None,
     ) -> None:
         self._issuer = issuer
+        self._backends = backends
         self._verifiers = verifiers
         self._policy = policy
         self._leases = leases
@@ -74,10 +77,15 @@ class Exchange:
             PolicyDenied: policy says no, or a delegation asks for more than its parent holds.
             PermissionDenied: the delegation chain would be deeper than allowed.
             LifetimeExhausted: no lifetime is left under the caps.
+            AuditUnavailable: the decision or the token cannot be recorded (audit.on_failure = "refuse").
+            BackendUnavailable: the audience's backend could not create the login.
         """
         try:
             plan = await self._plan(caller, intent)
             self._check_task(plan)
+            if self._backends is not None:
+                # Decided before anything is provisioned, and before an approval is asked for.
+                self._backends.check_grants(plan.intent.audience, plan.intent.actions)
         except BrokerError as e:
             # Refused before policy ran (bad subject token, task conflict, delegation limits):
             # still a decision, so still an audit record.
@@ -87,7 +95,7 @@ class Exchange:
         plan = replace(plan, decision=decision)
         if decision.approval_required:
             return self._hold_for_approval(plan)
-        return self._issuer.issue(plan)
+        return await self._issuer.issue(plan)
 
     def _audit_refusal(self, caller: Identity, intent: Intent, error: BrokerError) -> None:
         self._audit.record(
@@ -205,7 +213,9 @@ class Exchange:
     def _decide(self, plan: Plan) -> Decision:
         intent = plan.intent
         decision = self._policy.decide_all(plan.subject, intent.actions, intent.resource, plan.context)
-        self._audit.record(
+        # A grant (or a held approval) needs its decision on record first; a refusal goes out regardless.
+        write = self._audit.require if decision.allowed else self._audit.record
+        write(
             "decision",
             principal=plan.subject,
             client_id=plan.caller.principal,
@@ -285,11 +295,12 @@ class Exchange:
                 raise ApprovalExpired(f"approval expired before {unused}")
             if approval.state is ApprovalState.USED:
                 raise ApprovalNotPending("approval already used")
-            return self._issue_approved(approval)
+            return await self._issue_approved(approval)
 
-    def _issue_approved(self, approval: Approval) -> Issued:
-        # No await in here: the approval is used only by the issuance it allows, and a refused
-        # or failed issuance (new forbid, task closed, parent revoked meanwhile) leaves it unused.
+    async def _issue_approved(self, approval: Approval) -> Issued:
+        # The approval is used only by the issuance it allows, and a refused or failed issuance
+        # (new forbid, task closed, parent revoked meanwhile) leaves it unused. The one await
+        # (a backend's provisioning) sits before the grant, which checks the approval again.
         now = self._clock.now()
         self._approvals.usable(approval.id, now=now)
         plan = approval.plan
@@ -301,10 +312,21 @@ class Exchange:
             plan = replace(plan, parent=parent)
         # An approval vouches for the request, not for the policy: a forbid added since still wins.
         plan = replace(plan, decision=self._decide(plan))
-        issued = self._issuer.issue(plan)
-        self._approvals.consume(approval.id, now=now)
+        checked_at: list[float] = []
+
+        def still_usable() -> None:
+            checked_at.append(self._clock.now())
+            self._approvals.usable(approval.id, now=checked_at[-1])
+
+        issued = await self._issuer.issue(plan, guard=still_usable)
+        # Same instant as the check inside the grant's atomic step: it cannot have expired in between.
+        self._approvals.consume(approval.id, now=checked_at[-1])
         self._audit.record("approval.used", approval_id=approval.id, lease_id=issued.lease.id)
         return issued
+
+    def waiting(self, approval_id: str) -> int:
+        """How many AwaitApproval calls are waiting on `approval_id` right now."""
+        return len(self._waiters.get(approval_id, ()))
 
     async def _wait_for_change(self, approval_id: str) -> None:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from broker.backends.base import Backend, Secret
+from broker.backends.manager import Backends
 from broker.domain.clock import Clock
-from broker.domain.errors import LifetimeExhausted
+from broker.domain.errors import AuditUnavailable, LifetimeExhausted
 from broker.domain.identity import Identity
 from broker.domain.intent import Intent, Lifetime, Limits, cap_ttl
 from broker.jose.jws import token_hash
-from broker.leases.table import Lease, LeaseTable
+from broker.leases.table import BROKER_INITIATOR, Lease, LeaseTable, Reason
 from broker.ops.audit import AuditLog
 from broker.policy.engine import Decision
 from broker.tokens.minter import TokenMinter
@@ -49,6 +51,7 @@ class Issued:
     lease: Lease | None = None
     ttl_capped_by: str = ""
     approval_id: str = ""
+    secret: Secret | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,20 +77,35 @@ def actor_claim(chain: tuple[str, ...]) -> dict[str, Any] | None:
     return claim
 
 
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    lease: Lease
+    deadline: float
+    capped_by: str
+
+
 UNDECIDED = Decision(allowed=False, policies=(), max_ttl=None, approval_required=False, errors=(), reason="")
 
 
 class Issuer:
-    """Grants leases and mints their tokens under the TTL rule."""
+    """Grants leases and mints their tokens under the TTL rule, with a backend's secret where one serves."""
 
     def __init__(
-        self, *, leases: LeaseTable, minter: TokenMinter, audit: AuditLog, clock: Clock, settings: Settings
+        self,
+        *,
+        leases: LeaseTable,
+        minter: TokenMinter,
+        audit: AuditLog,
+        clock: Clock,
+        settings: Settings,
+        backends: Backends | None = None,
     ) -> None:
         self._leases = leases
         self._minter = minter
         self._audit = audit
         self._clock = clock
         self._settings = settings
+        self._backends = backends
 
     def lifetime(self, plan: Plan, now: float, *, deadline: float, caller: Identity) -> Lifetime:
         """The TTL rule: the smallest cap wins, and the answer names it.
@@ -111,51 +129,92 @@ class Issuer:
             raise LifetimeExhausted(f"no lifetime left under the {lifetime.capped_by} cap")
         return lifetime
 
-    def issue(self, plan: Plan) -> Issued:
-        """Open the task if new, grant the lease, mint its token.
+    async def issue(self, plan: Plan, *, guard: Callable[[], None] | None = None) -> Issued:
+        """Open the task if new, grant the lease, mint its token; for a backend's audience, first its role.
+
+        `guard`, when given, runs in the final atomic step and may refuse (an approval used meanwhile).
+        All or nothing: a role made for an issuance that then fails is queued to be dropped.
 
         Raises:
             LifetimeExhausted: no lifetime left.
             LeaseInactive: the parent lease died meanwhile.
             TaskConflict: the task was closed or taken meanwhile.
+            PermissionDenied: the backend grants nothing for an action.
+            BackendUnavailable: the backend could not create the role.
+            AuditUnavailable: the token's record cannot be written; the lease is ended at once
+                (AUDIT_UNAVAILABLE) and the token never leaves.
         """
-        # No await from here on: the checks and the grant are one atomic step on the event loop.
+        backend = self._backends.for_audience(plan.intent.audience) if self._backends else None
+        if backend is None:
+            return self._commit(plan, self._prepare(plan), guard=guard)
+        return await self._issue_with_secret(plan, backend, guard)
+
+    async def _issue_with_secret(self, plan: Plan, backend: Backend, guard: Callable[[], None] | None) -> Issued:
+        assert self._backends is not None
+        prepared = self._prepare(plan)
+        role, secret = await self._backends.provision(backend, plan.intent.actions, prepared.lease.expires_at)
+        prepared = replace(prepared, lease=replace(prepared.lease, backend=backend.name, role=role))
+        try:
+            issued = self._commit(plan, prepared, guard=guard)
+        except BaseException:
+            self._backends.discard(backend.name, role, lease_id=prepared.lease.id, task_id=prepared.lease.task_id)
+            raise
+        self._backends.committed(backend.name, role)
+        return replace(issued, secret=secret)
+
+    def _prepare(self, plan: Plan) -> _Prepared:
+        """The lease to grant, under the TTL rule as of now; checked again when granted."""
         now = self._clock.now()
         intent = plan.intent
         task = self._leases.get_task(intent.task_id)
         deadline = task.deadline if task is not None else now + self._settings.max_task_lifetime
         lifetime = self.lifetime(plan, now, deadline=deadline, caller=plan.caller)
-        if plan.parent is None:
-            self._leases.open_task(intent.task_id, plan.subject, now=now, deadline=deadline)
-        lease = self._leases.grant(
-            Lease(
-                id="lse_" + secrets.token_urlsafe(18),
-                task_id=intent.task_id,
-                subject=plan.subject,
-                client_id=plan.caller.principal,
-                audience=intent.audience,
-                scope=intent.actions,
-                resource=intent.resource,
-                issued_at=now,
-                expires_at=lifetime.expires_at,
-                token_exp=lifetime.expires_at,
-                parent_id=plan.parent.id if plan.parent else None,
-                actor_chain=plan.actor_chain,
-                depth=len(plan.actor_chain),
-                cnf_x5t=plan.caller.x5t_s256,
-                context=plan.context,
-                # Only a presented subject token caps renewals: a caller who is its own subject
-                # re-proves itself on each Renew and is capped by that credential then.
-                not_after=plan.not_after if plan.intent.subject_token else None,
-            ),
-            now=now,
+        lease = Lease(
+            id="lse_" + secrets.token_urlsafe(18),
+            task_id=intent.task_id,
+            subject=plan.subject,
+            client_id=plan.caller.principal,
+            audience=intent.audience,
+            scope=intent.actions,
+            resource=intent.resource,
+            issued_at=now,
+            expires_at=lifetime.expires_at,
+            token_exp=lifetime.expires_at,
+            parent_id=plan.parent.id if plan.parent else None,
+            actor_chain=plan.actor_chain,
+            depth=len(plan.actor_chain),
+            cnf_x5t=plan.caller.x5t_s256,
+            context=plan.context,
+            # Only a presented subject token caps renewals: a caller who is its own subject
+            # re-proves itself on each Renew and is capped by that credential then.
+            not_after=plan.not_after if plan.intent.subject_token else None,
         )
-        return self.deliver(lease, now=now, cnf=plan.caller.x5t_s256, capped_by=lifetime.capped_by)
+        return _Prepared(lease=lease, deadline=deadline, capped_by=lifetime.capped_by)
+
+    def _commit(self, plan: Plan, prepared: _Prepared, *, guard: Callable[[], None] | None) -> Issued:
+        # No await from here on: the checks and the grant are one atomic step on the event loop.
+        now = self._clock.now()
+        if guard is not None:
+            guard()
+        if plan.parent is None:
+            self._leases.open_task(plan.intent.task_id, plan.subject, now=now, deadline=prepared.deadline)
+        lease = self._leases.grant(prepared.lease, now=now)
+        try:
+            return self.deliver(lease, now=now, cnf=plan.caller.x5t_s256, capped_by=prepared.capped_by)
+        except AuditUnavailable:
+            # The decision was recorded just before; the disk failed in between. No authority
+            # may exist that the trail does not show, so the new lease ends here.
+            self._leases.revoke(lease.id, Reason.AUDIT_UNAVAILABLE, now=now, initiator=BROKER_INITIATOR)
+            raise
 
     def deliver(self, lease: Lease, *, now: float, cnf: str | None, capped_by: str, renewal: bool = False) -> Issued:
-        """Mint the token for a granted or renewed lease, and audit it by hash."""
+        """Mint the token for a granted or renewed lease, and audit it by hash before handing it out.
+
+        Raises:
+            AuditUnavailable: the record cannot be written (audit.on_failure = "refuse").
+        """
         token = self.mint(lease, now=now, cnf=cnf)
-        self._audit.record(
+        self._audit.require(
             "token.issued",
             lease_id=lease.id,
             task_id=lease.task_id,

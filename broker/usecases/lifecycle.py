@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from broker.backends.manager import Backends
 from broker.domain.clock import Clock
 from broker.domain.errors import CredentialRejected, LeaseInactive, LeaseNotFound, PermissionDenied, PolicyDenied
 from broker.domain.identity import Identity, matches_any
@@ -38,7 +39,9 @@ class Leasing:
         audit: AuditLog,
         clock: Clock,
         settings: Settings,
+        backends: Backends | None = None,
     ) -> None:
+        self._backends = backends
         self._policy = policy
         self._leases = leases
         self._minter = minter
@@ -47,14 +50,18 @@ class Leasing:
         self._clock = clock
         self._settings = settings
 
-    def renew(self, caller: Identity, lease_id: str, ttl_seconds: int) -> Issued:
-        """A fresh token for the caller's lease, with policy re-checked.
+    async def renew(self, caller: Identity, lease_id: str, ttl_seconds: int) -> Issued:
+        """A fresh token for the caller's lease, with policy re-checked, and its secret's expiry moved.
 
         Raises:
             LeaseNotFound: no such lease held by the caller.
             LeaseInactive: the lease is revoked or expired.
             PolicyDenied: policy now refuses it (the lease is then revoked, RENEWAL_DENIED),
                 or it needs a fresh human approval.
+            AuditUnavailable: the decision or the token cannot be recorded; the lease is unchanged
+                unless the token's record failed after the decision's was written.
+            BackendUnavailable: the lease's backend could not move its role's expiry (the lease
+                keeps its old expiry).
         """
         now = self._clock.now()
         lease = self._held_lease(caller, lease_id, now)
@@ -72,8 +79,15 @@ class Leasing:
         )
         task = self._leases.get_task(lease.task_id)
         lifetime = self._issuer.lifetime(plan, now, deadline=task.deadline if task else now, caller=caller)
+        secret = None
+        if lease.role is not None and self._backends is not None:
+            # The role's own expiry moves first: a failure leaves both halves as they were.
+            secret = await self._backends.renew(lease, lifetime.expires_at)
+            now = self._clock.now()
+            self._held_lease(caller, lease_id, now)  # it may have ended while the database answered
         renewed = self._leases.renew(lease.id, expires_at=lifetime.expires_at, token_exp=lifetime.expires_at, now=now)
-        return self._issuer.deliver(renewed, now=now, cnf=caller.x5t_s256, capped_by=lifetime.capped_by, renewal=True)
+        issued = self._issuer.deliver(renewed, now=now, cnf=caller.x5t_s256, capped_by=lifetime.capped_by, renewal=True)
+        return replace(issued, secret=secret)
 
     def _held_lease(self, caller: Identity, lease_id: str, now: float) -> Lease:
         """The caller's active lease, renewable over this credential.
@@ -102,7 +116,9 @@ class Leasing:
                 or it needs a fresh human approval.
         """
         decision = self._policy.decide_all(lease.subject, lease.scope, lease.resource, context)
-        self._audit.record(
+        # A renewal needs its decision on record first; a refusal (and its revocation) goes ahead regardless.
+        renews = decision.allowed and not decision.approval_required
+        (self._audit.require if renews else self._audit.record)(
             "decision",
             principal=lease.subject,
             client_id=caller.principal,

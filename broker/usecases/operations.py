@@ -10,10 +10,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.approvals.store import Approval, ApprovalStore
+from broker.backends.manager import Backends
+from broker.backends.pending import PendingRevocation
 from broker.domain.clock import Clock
 from broker.domain.errors import InvalidRequest, LeaseNotFound, PermissionDenied
 from broker.domain.identity import Identity
-from broker.domain.intent import Limits, check_actions, check_context, check_task_id
+from broker.domain.intent import (
+    Limits,
+    check_actions,
+    check_context,
+    check_lease_id,
+    check_principal,
+    check_resource,
+    check_task_id,
+)
+from broker.leases.events import LeaseState, state_for
 from broker.leases.table import Lease, LeaseTable, Reason
 from broker.ops.audit import AuditLog
 from broker.policy.engine import Decision, EntityRef, PolicyEngine
@@ -31,6 +42,8 @@ class LeaseFilter:
     subject: str = ""
     audience: str = ""
     include_inactive: bool = False
+    # Only leases whose downstream role is still to be dropped (ended leases, so inactive ones too).
+    revoke_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +57,8 @@ def _encode_token(lease: Lease, flt: LeaseFilter) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _filter_key(flt: LeaseFilter) -> tuple[str, str, str, bool]:
-    return (flt.task_id, flt.subject, flt.audience, flt.include_inactive)
+def _filter_key(flt: LeaseFilter) -> tuple[str, str, str, bool, bool]:
+    return (flt.task_id, flt.subject, flt.audience, flt.include_inactive, flt.revoke_pending)
 
 
 def _decode_token(token: str, flt: LeaseFilter) -> tuple[float, str]:
@@ -120,6 +133,22 @@ def dry_run_context(principal: str, context: Mapping[str, str]) -> dict[str, Any
     return ctx
 
 
+def _pending_view(record: PendingRevocation) -> Lease:
+    """What is left to show of a forgotten lease whose revocation is pending: never hidden, never abandoned."""
+    reason = Reason(record.cause) if record.cause in Reason.__members__ else None
+    return Lease(
+        id=record.lease_id, task_id=record.task_id, subject="", client_id="", audience="", scope=(), resource="",
+        issued_at=record.since, expires_at=record.since, token_exp=record.since,
+        state=state_for(reason) if reason else LeaseState.REVOKED, ended_at=record.since, reason=reason,
+        backend=record.backend, role=record.role,
+    )  # fmt: skip
+
+
+def _matches(lease: Lease, flt: LeaseFilter) -> bool:
+    # A forgotten lease keeps only its task: a subject or audience filter cannot match it.
+    return not flt.subject and not flt.audience and flt.task_id in ("", lease.task_id)
+
+
 class Admin:
     """What `BrokerAdmin` does, minus gRPC. The caller is an already-checked operator."""
 
@@ -132,7 +161,9 @@ class Admin:
         minter: TokenMinter,
         audit: AuditLog,
         clock: Clock,
+        backends: Backends | None = None,
     ) -> None:
+        self._backends = backends
         self._leases = leases
         self._policy = policy
         self._approvals = approvals
@@ -153,8 +184,12 @@ class Admin:
             task_id=flt.task_id or None,
             subject=flt.subject or None,
             audience=flt.audience or None,
-            include_inactive=flt.include_inactive,
+            include_inactive=flt.include_inactive or flt.revoke_pending,
         )
+        if flt.revoke_pending:
+            items = [lease for lease in items if self.revocation(lease.id) is not None]
+            items += [view for view in self._forgotten_pending() if _matches(view, flt)]
+            items.sort(key=lambda lease: (lease.issued_at, lease.id))
         if page_token:
             after = _decode_token(page_token, flt)
             items = [lease for lease in items if (lease.issued_at, lease.id) > after]
@@ -166,11 +201,28 @@ class Admin:
         """Raises: LeaseNotFound."""
         lease = self._leases.get(lease_id)
         if lease is None:
-            raise LeaseNotFound("no such lease")
+            pending = self.revocation(lease_id)
+            if pending is None:
+                raise LeaseNotFound("no such lease")
+            return _pending_view(pending)
         return lease
+
+    def _forgotten_pending(self) -> list[Lease]:
+        """Leases the table has forgotten (tombstone purged) whose role still waits to be dropped."""
+        if self._backends is None:
+            return []
+        return [
+            _pending_view(record)
+            for record in self._backends.pending()
+            if record.lease_id and self._leases.get(record.lease_id) is None
+        ]
 
     def children(self, lease_id: str) -> tuple[str, ...]:
         return self._leases.children(lease_id)
+
+    def revocation(self, lease_id: str) -> PendingRevocation | None:
+        """The lease's downstream revocation still to do, if it has one."""
+        return self._backends.pending_for(lease_id) if self._backends is not None else None
 
     def _revoked(self, operator: Identity, selector: str, value: str, note: str, changed: list[Lease]) -> int:
         self._audit.record(
@@ -184,7 +236,8 @@ class Admin:
         return len(changed)
 
     def revoke_lease(self, operator: Identity, lease_id: str, note: str) -> int:
-        """Raises: LeaseNotFound."""
+        """Raises: InvalidRequest for an ill-formed lease id, LeaseNotFound."""
+        check_lease_id(lease_id)
         now = self._clock.now()
         changed = self._leases.revoke(lease_id, Reason.OPERATOR, now=now, initiator=operator.principal)
         return self._revoked(operator, "lease_id", lease_id, note, changed)
@@ -197,9 +250,8 @@ class Admin:
         return self._revoked(operator, "task_id", task_id, note, changed)
 
     def revoke_subject(self, operator: Identity, subject: str, note: str) -> int:
-        """Raises: InvalidRequest for an empty subject."""
-        if not subject:
-            raise InvalidRequest("subject is required")
+        """Raises: InvalidRequest for a subject that is no well-formed principal id."""
+        check_principal(subject, "subject")
         now = self._clock.now()
         changed = self._leases.revoke_subject(subject, Reason.OPERATOR, now=now, initiator=operator.principal)
         return self._revoked(operator, "subject", subject, note, changed)
@@ -216,11 +268,12 @@ class Admin:
         """A dry run of one decision; changes nothing.
 
         Raises:
-            InvalidRequest: a missing principal, action or resource, or a bad context.
+            InvalidRequest: a missing or ill-formed principal, action or resource (the rules of
+                Exchange), or a bad context.
         """
-        if not principal or not resource:
-            raise InvalidRequest("principal and resource are required")
+        check_principal(principal)
         check_actions([action], _ONE)
+        check_resource(resource)
         return self._policy.decide(
             principal, action, resource, dry_run_context(principal, check_context(context, _CONTEXT))
         )
@@ -239,12 +292,28 @@ class Admin:
         return self._approvals.list(include_decided=include_decided)
 
     def approve(self, operator: Identity, approval_id: str, note: str) -> Approval:
-        """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending, PermissionDenied (one's own request)."""
-        pending = self._approvals.get(approval_id)
-        if pending is not None and operator.principal in (pending.principal, pending.client_id):
+        """Approve a pending request; the approval is on record before it takes effect.
+
+        Raises:
+            ApprovalNotFound, ApprovalExpired, ApprovalNotPending: not a pending approval.
+            PermissionDenied: one's own request.
+            AuditUnavailable: the approval cannot be recorded (audit.on_failure = "refuse").
+        """
+        now = self._clock.now()
+        found = self._approvals.get(approval_id)
+        if found is not None and operator.principal in (found.principal, found.client_id):
             raise PermissionDenied("an operator cannot approve their own request")
-        approval = self._approvals.approve(approval_id, by=operator.principal, note=note, now=self._clock.now())
-        return self._decided("approval.approved", approval)
+        pending = self._approvals.pending(approval_id, now=now)
+        self._audit.require(
+            "approval.approved",
+            approval_id=pending.id,
+            operator=operator.principal,
+            note=note or None,
+            principal=pending.principal,
+            task_id=pending.task_id,
+        )
+        # No await between the record and the change: the approval cannot change meanwhile.
+        return self._approvals.approve(approval_id, by=operator.principal, note=note, now=now)
 
     def deny(self, operator: Identity, approval_id: str, note: str) -> Approval:
         """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending."""

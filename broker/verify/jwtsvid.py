@@ -25,15 +25,29 @@ from broker.jose.keys import KeySet
 # Verified JWT-SVIDs remembered at once; the least recently used is forgotten first.
 CACHE_SIZE = 4096
 
+# JWT-SVID 2.3: `typ`, when present, is one of these. Anything else (an RFC 9068 "at+jwt" access
+# token above all) is some other kind of token and must not pass as a workload's identity document.
+TYPES = frozenset({"JWT", "JOSE"})
+
+
+def _check_type(header: Mapping[str, Any]) -> None:
+    typ = header.get("typ", "JWT")
+    if not isinstance(typ, str) or typ not in TYPES:
+        raise CredentialRejected("jwt-svid: typ must be JWT or JOSE")
+
 
 def _subject(payload: Mapping[str, Any]) -> SpiffeId:
     sub = payload.get("sub")
     if sub is None:
         raise CredentialRejected("jwt: sub is required")
     try:
-        return SpiffeId.parse(sub)
+        spiffe_id = SpiffeId.parse(sub)
     except InvalidSpiffeId as e:
         raise CredentialRejected("jwt-svid: sub is not a spiffe id") from e
+    if not spiffe_id.path:
+        # As for X.509-SVIDs: spiffe://<td> alone names the trust domain, never a workload.
+        raise CredentialRejected("jwt-svid: sub must be a workload's spiffe id (with a path)")
+    return spiffe_id
 
 
 def _digest(token: str) -> bytes:
@@ -94,6 +108,7 @@ class JwtSvidVerifier:
 
     def _verify(self, token: str, *, now: float) -> Identity:
         parsed = parse_token(token)
+        _check_type(parsed.header)
         spiffe_id = _subject(parsed.payload)
         domain = spiffe_id.trust_domain.name
         keys = self._keys.get(domain)

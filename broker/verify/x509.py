@@ -114,9 +114,13 @@ def _spiffe_id(exts: x509.Extensions) -> SpiffeId:
     if len(uris) != 1:
         raise _reject("exactly one URI SAN required")
     try:
-        return SpiffeId.parse(uris[0])
+        spiffe_id = SpiffeId.parse(uris[0])
     except InvalidSpiffeId as e:
         raise _reject("URI SAN is not a SPIFFE ID") from e
+    if not spiffe_id.path:
+        # X509-SVID 3.1 and 5.2: a leaf names a workload; spiffe://<td> alone names the trust domain.
+        raise _reject("a workload's SPIFFE ID must have a path")
+    return spiffe_id
 
 
 def _check_leaf_usage(exts: x509.Extensions) -> None:

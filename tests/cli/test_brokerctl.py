@@ -8,7 +8,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +70,16 @@ def write_files(material: Material, folder: Path, spiffe_id: str, name: str) -> 
     return Files(cert=cert, key=key, ca=ca)
 
 
-def closed_port() -> int:
+@pytest.fixture
+def unreachable() -> Iterator[str]:
+    """An address nothing answers on, for as long as the test runs: bound, never listening.
+
+    The port stays ours (no other process can take it and answer), and a connection to a bound
+    socket that does not listen is refused at once: a deterministic "cannot reach".
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def grant(harness: Harness, task_id: str, agent: str = PLANNER) -> str:
@@ -285,8 +291,8 @@ def test_non_admin_caller_is_permission_denied(harness: Harness, material: Mater
     assert refused(planner("leases", "list"), "permission_denied")
 
 
-def test_unreachable_broker_exits_1_with_a_hint(files: Files) -> None:
-    addr = f"127.0.0.1:{closed_port()}"
+def test_unreachable_broker_exits_1_with_a_hint(files: Files, unreachable: str) -> None:
+    addr = unreachable
     result = Ctl(addr=addr, files=files)("--timeout", "5", "leases", "list")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith(f"brokerctl: cannot reach the broker at {addr}: ")
@@ -314,9 +320,9 @@ USAGE_CASES = [
 
 
 @pytest.mark.parametrize("case", USAGE_CASES, ids=lambda c: c.id)
-def test_usage_error_exits_2(files: Files, case: UsageCase) -> None:
-    # a closed port: a command that got past the usage checks would exit 1, not 2
-    result = brokerctl(*case.args(files), env=Ctl(addr=f"127.0.0.1:{closed_port()}", files=files).env())
+def test_usage_error_exits_2(files: Files, case: UsageCase, unreachable: str) -> None:
+    # nothing answers: a command that got past the usage checks would exit 1, not 2
+    result = brokerctl(*case.args(files), env=Ctl(addr=unreachable, files=files).env())
     assert (result.returncode, result.stdout) == (2, "")
     assert case.says in result.stderr and "Traceback" not in result.stderr
 
@@ -328,9 +334,9 @@ def test_settings_come_from_the_environment(harness: Harness, ctl: Ctl) -> None:
     assert lease_id in result.stdout
 
 
-def test_flags_win_over_the_environment(harness: Harness, ctl: Ctl) -> None:
+def test_flags_win_over_the_environment(harness: Harness, ctl: Ctl, unreachable: str) -> None:
     lease_id = grant(harness, "task-a")
-    env = {**ctl.env(), "BROKERCTL_ADDR": f"127.0.0.1:{closed_port()}"}
+    env = {**ctl.env(), "BROKERCTL_ADDR": unreachable}
     result = brokerctl("--addr", ctl.addr, "leases", "list", env=env)
     assert result.returncode == 0, result.stderr
     assert lease_id in result.stdout

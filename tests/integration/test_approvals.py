@@ -214,8 +214,15 @@ def test_approved_but_unused_approval_expires(harness: Harness) -> None:
 
 def test_short_call_deadline_leaves_the_approval_pending(harness: Harness) -> None:
     approval_id = pending(harness)
-    err = refused(lambda: await_approval(harness, approval_id, timeout=0.3))
-    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    exchange = harness.broker.app.exchange
+    call = harness.agent(PLANNER).AwaitApproval.future(pb.AwaitApprovalRequest(approval_id=approval_id), timeout=2)
+    # The call reaches the broker and waits there before its deadline passes (so no late copy of it
+    # can arrive afterwards), then the broker lets go of it: only then does the operator decide, so
+    # the abandoned call cannot be the one the approval is issued to.
+    harness.broker.until(lambda: exchange.waiting(approval_id) == 1 or call.done())
+    assert not call.done(), "the call ended before it reached the broker"
+    assert call.exception(timeout=10).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    harness.broker.until(lambda: exchange.waiting(approval_id) == 0)
     assert [(a.approval_id, a.state) for a in listed(harness)] == [(approval_id, "PENDING")]
     approve(harness, approval_id)
     assert await_approval(harness, approval_id).state == "ISSUED"

@@ -334,6 +334,7 @@ def test_unreachable_oidc_issuer_is_unavailable_not_a_crash(harness: Harness) ->
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "unreachable" in err.value.details()
     finally:
         oidc.set_available(True)
+    harness.clock.advance(5)   # past the fetcher's first backoff
     assert harness.token_agent().Exchange(request(), timeout=10, metadata=bearer(token)).state == "ISSUED"
 
 

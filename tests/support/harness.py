@@ -105,7 +105,15 @@ def make_material(folder: Path) -> Material:
     return Material(issuer=issuer, folder=folder, roots_pem=ca.bundle_pem())
 
 
-def write_config(material: Material, folder: Path, *, extra: str = "", http: bool = False) -> Path:
+def write_config(
+    material: Material,
+    folder: Path,
+    *,
+    extra: str = "",
+    http: bool = False,
+    tokens_extra: str = "",
+    audit_path: str | None = None,
+) -> Path:
     oidc = material.issuer.oidc()
     m = material.folder
     config = folder / "broker.toml"
@@ -139,6 +147,7 @@ max_ttl = "1h"
 max_task_lifetime = "2h"
 max_delegation_depth = 3
 clock_skew = "30s"
+{tokens_extra}
 
 [policy]
 file = "{folder / 'policy.cedar'}"
@@ -149,7 +158,7 @@ spiffe_ids = ["spiffe://{TD}/operator/*"]
 introspectors = ["{INTROSPECTOR_ID}"]
 
 [audit]
-path = "{folder / 'audit.jsonl'}"
+path = "{audit_path or folder / 'audit.jsonl'}"
 {extra}
 """)
     (folder / "policy.cedar").write_text(POLICY)
@@ -180,6 +189,18 @@ class RunningBroker:
         async def run():
             return fn(*args, **kwargs)
         return self.call(run())
+
+    def until(self, predicate, timeout: float = 10.0) -> None:
+        """Wait until `predicate()`, evaluated on the broker's loop, holds; AssertionError after `timeout`."""
+
+        async def watch() -> None:
+            deadline = self.loop.time() + timeout
+            while not predicate():
+                if self.loop.time() > deadline:
+                    raise AssertionError("condition not reached in time")
+                await asyncio.sleep(0.005)
+
+        self.call(watch(), timeout=timeout + 5)
 
     def settle(self) -> None:
         """Let the loop run everything already scheduled (e.g. the reaper after a clock advance)."""

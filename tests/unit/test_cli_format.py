@@ -91,3 +91,21 @@ def test_json_keeps_proto_names_and_default_values() -> None:
     assert list(data) == ["revoked_count"] and int(data["revoked_count"]) == 0
     lease = json.loads(fmt.to_json(pb.Lease(id="l1", task_id="t")))
     assert lease["task_id"] == "t" and lease["reason"] == "" and "revoked_at" not in lease
+
+
+def test_lease_block_shows_backend_role_and_a_pending_revocation() -> None:
+    lease = pb.Lease(
+        id="lse_1", state="REVOKED", issued_at=ts(NOW - 60), expires_at=ts(NOW + 60), revoked_at=ts(NOW - 5),
+        backend="analytics", role="brk_0a",
+        revocation=pb.BackendRevocation(state="PENDING", attempts=3, last_error="connection refused",
+                                        next_attempt_at=ts(NOW + 4)),
+    )
+    lines = fmt.lease_block(lease, now=NOW).splitlines()
+    assert "backend:     analytics" in lines and "role:        brk_0a" in lines
+    assert "revocation:  PENDING (3 failed attempts, next in 4s): connection refused" in lines
+
+
+def test_lease_block_of_a_lease_without_a_secret_shows_dashes() -> None:
+    lease = pb.Lease(id="lse_2", state="ACTIVE", issued_at=ts(NOW), expires_at=ts(NOW + 60))
+    block = fmt.lease_block(lease, now=NOW)
+    assert "backend:     -" in block and "revocation:  -" in block

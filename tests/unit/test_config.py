@@ -200,6 +200,24 @@ def test_relative_config_path_gives_absolute_source(folder: Path, monkeypatch: p
     assert config.server.cert == folder / "certs/broker.pem"
 
 
+def test_new_keys_load_their_values(folder: Path) -> None:
+    doc = copy.deepcopy(GOOD)
+    doc["tokens"]["issuer"] = "https://broker.example.org/tenant-1"
+    doc["audit"]["on_failure"] = "continue"
+    doc["limits"]["max_concurrent_rpcs"] = 64
+    config = load_config(_write(folder, doc))
+    assert config.tokens.issuer == "https://broker.example.org/tenant-1"
+    assert config.audit.on_failure == "continue"
+    assert config.limits.max_concurrent_rpcs == 64
+
+
+def test_new_keys_default_to_the_spiffe_issuer_refusing_audit_and_a_bounded_limit(folder: Path) -> None:
+    config = load_config(_write(folder, MINIMAL))
+    assert config.tokens.issuer is None
+    assert config.audit.on_failure == "refuse"
+    assert config.limits.max_concurrent_rpcs == 1000
+
+
 def test_minimal_file_takes_the_defaults(folder: Path) -> None:
     config = load_config(_write(folder, MINIMAL))
     assert config.server.token_listen is None and config.server.http_listen is None
@@ -374,6 +392,15 @@ BAD = [
     Bad("approvals-ttl-bad", ("approvals", "ttl"), "soon", "approvals.ttl"),
     Bad("limits-zero", ("limits", "max_actions"), 0, "limits.max_actions"),
     Bad("limits-unknown-key", ("limits", "max_tokens"), 3, "limits.max_tokens"),
+    Bad("concurrency-limit-zero", ("limits", "max_concurrent_rpcs"), 0, "limits.max_concurrent_rpcs"),
+    Bad("concurrency-limit-string", ("limits", "max_concurrent_rpcs"), "100", "limits.max_concurrent_rpcs"),
+    Bad("issuer-plain-http", ("tokens", "issuer"), "http://broker.example.org", "tokens.issuer"),
+    Bad("issuer-spiffe-id", ("tokens", "issuer"), "spiffe://example.org/broker", "tokens.issuer"),
+    Bad("issuer-not-a-url", ("tokens", "issuer"), "broker.example.org", "tokens.issuer"),
+    Bad("issuer-with-query", ("tokens", "issuer"), "https://broker.example.org/?x=1", "tokens.issuer"),
+    Bad("issuer-with-fragment", ("tokens", "issuer"), "https://broker.example.org/#f", "tokens.issuer"),
+    Bad("issuer-not-a-string", ("tokens", "issuer"), 42, "tokens.issuer"),
+    Bad("audit-on-failure-unknown", ("audit", "on_failure"), "ignore", "audit.on_failure"),
     Bad("limits-streams-zero", ("limits", "max_streams_per_watcher"), 0, "limits.max_streams_per_watcher"),
 ]
 

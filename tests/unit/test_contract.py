@@ -74,6 +74,18 @@ def test_every_product_package_is_forbidden_the_testing_kit() -> None:
     assert product == TOP_LEVEL - {"testing"}
 
 
+SDK_PACKAGES = {"client", "verifier", "mcp"}
+# What an SDK-only install ships besides the SDKs themselves.
+SDK_FOUNDATION = {"domain", "jose", "_proto"}
+
+
+def test_the_sdks_are_forbidden_every_server_package() -> None:
+    contract = _contracts()["sdk-installs-alone"]
+    assert {m.removeprefix("broker.") for m in contract["source_modules"]} == SDK_PACKAGES
+    forbidden = {m.removeprefix("broker.") for m in contract["forbidden_modules"] if m.startswith("broker.")}
+    assert forbidden == TOP_LEVEL - SDK_PACKAGES - SDK_FOUNDATION - {"__main__", "testing"}
+
+
 ERROR_CLASSES = [
     cls for _, cls in inspect.getmembers(errors, inspect.isclass)
     if issubclass(cls, errors.BrokerError) and cls is not errors.BrokerError

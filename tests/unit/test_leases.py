@@ -541,12 +541,14 @@ def test_lease_ended_equals_dataclasses_replace() -> None:
         cnf_x5t="th",
         context={"auth": "x509-svid"},
         not_after=T0 + 50,
+        backend="analytics",
+        role="brk_0a",
     )
     expected = dataclasses.replace(
         lease, state=LeaseState.EXPIRED, ended_at=T0 + 9, reason=Reason.TASK_EXPIRED, initiator="broker"
     )
     assert lease.ended(Reason.TASK_EXPIRED, at=T0 + 9, initiator="broker") == expected
-    assert len(dataclasses.fields(Lease)) == 20, "a field was added: pass it on in Lease.ended too"
+    assert len(dataclasses.fields(Lease)) == 22, "a field was added: pass it on in Lease.ended too"
 
 
 # -- events and subscribers -----------------------------------------------------------

@@ -161,7 +161,7 @@ class Broker:
         return self.ask(caller, subject_token=parent_token, subject_token_type=TOKEN_TYPE_ACCESS_TOKEN, **kw)
 
     def renew(self, caller: Identity, lease_id: str, ttl: int = 0) -> Issued:
-        issued = self.leasing.renew(caller, lease_id, ttl)
+        issued = asyncio.run(self.leasing.renew(caller, lease_id, ttl))
         self.tokens.append(issued.access_token)
         return issued
 
@@ -199,8 +199,13 @@ def _verifiers(authorities: Authorities) -> Verifiers:
     )
 
 
-def _build(authorities: Authorities, folder: Path, **overrides: Any) -> Broker:
-    """Wire the core as `server.build_app` does; `overrides` are `Settings` fields."""
+def _build(
+    authorities: Authorities, folder: Path, *, sink: Any = None, on_failure: str = "refuse", **overrides: Any
+) -> Broker:
+    """Wire the core as `server.build_app` does; `overrides` are `Settings` fields.
+
+    `sink` replaces the audit log's string buffer (a test's failing stand-in writes through to it).
+    """
     clock = FakeClock(start=T0)
     policy_path = folder / "broker.cedar"
     policy_path.write_text(POLICY)
@@ -208,8 +213,8 @@ def _build(authorities: Authorities, folder: Path, **overrides: Any) -> Broker:
     leases = LeaseTable(tombstone_grace=300)
     approvals = ApprovalStore()
     minter = TokenMinter(BROKER_ID, SigningKey.generate())
-    sink = io.StringIO()
-    audit = AuditLog(sink, clock=clock)
+    buffer = io.StringIO()
+    audit = AuditLog(buffer if sink is None else sink, clock=clock, on_failure=on_failure)
     leases.subscribe(audit.on_event)
     verifiers = _verifiers(authorities)
     settings = Settings(issuer=BROKER_ID, **{"introspectors": (GATEWAY,), **overrides})
@@ -223,7 +228,7 @@ def _build(authorities: Authorities, folder: Path, **overrides: Any) -> Broker:
         leases=leases,
         approvals=approvals,
         minter=minter,
-        audit_sink=sink,
+        audit_sink=buffer if sink is None else sink.buffer,
         verifiers=verifiers,
         settings=settings,
         exchange=Exchange(verifiers=verifiers, policy=policy, approvals=approvals, issuer=issuer, **core),

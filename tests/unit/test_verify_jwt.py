@@ -86,6 +86,9 @@ ACCEPTED = [
     Accept("fractional-exp", lambda i: i.svid(claims={"exp": NOW + 0.5})),
     Accept("old-key-still-in-bundle", lambda i: i.pre_rotation_token),
     Accept("other-trust-domain-own-bundle", lambda i: i.other.jwt_svid("spiffe://other.org/a", AUD, now=NOW)),
+    Accept("typ-JWT", lambda i: i.svid(headers={"typ": "JWT"})),
+    Accept("typ-JOSE", lambda i: i.svid(headers={"typ": "JOSE"})),
+    Accept("typ-absent", lambda i: i.svid(headers={"typ": None})),
     Accept("jku-x5u-ignored", lambda i: i.svid(headers={"jku": "https://evil.test/k", "x5u": "https://evil.test/c"})),
 ]
 
@@ -138,9 +141,16 @@ REJECTED = [
     Reject("kid-not-a-string", lambda i: i.svid(headers={"kid": 7}), "jwt: kid must be a string"),
     Reject("crit-header", lambda i: i.svid(headers={"crit": ["exp"], "exp": 1}), "jwt: crit header is not supported"),
     Reject("crit-b64", lambda i: i.svid(headers={"crit": ["b64"], "b64": True}), "jwt: crit header is not supported"),
+    # JWT-SVID 2.3: typ, when present, is JWT or JOSE; an access token cannot pose as an identity
+    Reject("typ-at+jwt", lambda i: i.svid(headers={"typ": "at+jwt"}), "jwt-svid: typ must be JWT or JOSE"),
+    Reject("typ-lower-case-jwt", lambda i: i.svid(headers={"typ": "jwt"}), "jwt-svid: typ must be JWT or JOSE"),
+    Reject("typ-not-a-string", lambda i: i.svid(headers={"typ": 1}), "jwt-svid: typ must be JWT or JOSE"),
+    Reject("typ-a-list", lambda i: i.svid(headers={"typ": ["JWT"]}), "jwt-svid: typ must be JWT or JOSE"),
     # subject and trust domain
     Reject("sub-not-spiffe", lambda i: i.svid("user@example.org"), "jwt-svid: sub is not a spiffe id"),
     Reject("sub-not-a-string", lambda i: i.svid(claims={"sub": 42}), "jwt-svid: sub is not a spiffe id"),
+    Reject("sub-is-the-trust-domain", lambda i: i.svid("spiffe://example.org"),
+           "jwt-svid: sub must be a workload's spiffe id (with a path)"),
     Reject("sub-missing", lambda i: i.svid(drop=["sub"]), "jwt: sub is required"),
     Reject("sub-of-untrusted-domain", lambda i: i.svid("spiffe://nowhere.org/a"),
            "jwt-svid: no jwt bundle for the trust domain of sub"),

@@ -168,6 +168,12 @@ def test_uri_san_that_is_not_a_spiffe_id_is_refused(cas: Cas, verifier: X509Svid
     assert _rejection(verifier, *_pems(svid)) == "x509: URI SAN is not a SPIFFE ID"
 
 
+def test_trust_domain_id_without_a_path_is_not_a_workload(cas: Cas, verifier: X509SvidVerifier) -> None:
+    # X509-SVID 3.1 and 5.2: a leaf's SPIFFE ID has a non-root path; spiffe://example.org names the domain.
+    svid = cas.direct.x509_svid("spiffe://example.org", now=NOW)
+    assert _rejection(verifier, *_pems(svid)) == "x509: a workload's SPIFFE ID must have a path"
+
+
 # --- which bundle ------------------------------------------------------------------------------
 
 
