@@ -346,7 +346,7 @@ class LeaseMachine(RuleBasedStateMachine):
         elif "deploy" in lease.scope:
             expected = PolicyDenied  # a fresh approval is needed
         try:
-            issued = self.leasing.renew(self.callers[caller], lease.id, ttl)
+            issued = self._run(self.leasing.renew(self.callers[caller], lease.id, ttl))
         except BrokerError as e:
             assert type(e) is expected, e
             return self._expect_ended(set())
