@@ -7,13 +7,16 @@ Part 1 writes a dev setup (fresh CA, SVIDs, dev policy) into a temp folder, star
 `python -m broker serve` on loopback ports chosen by the system, and drives `Exchange` over
 mTLS from several client processes, each with its own channel and a few calls in flight, for a
 bounded time after a warm-up; then the same load against `grpc.health.v1.Health/Check`, the
-floor of TLS + gRPC + one asyncio servicer. Part 2 times `bench/bench_leases.py`. See
-bench/README.md for what each figure means.
+floor of TLS + gRPC + one asyncio servicer; then `Exchange` with a JWT-SVID bearer on the
+token listener, `Introspect`, and `Exchange` again while `--watchers` revocation streams
+measure the latency of revocations made meanwhile. It prints each target as a ratio measured
+in the same run. Part 2 times `bench/bench_leases.py`. See bench/README.md for each figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -41,7 +44,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from broker._proto import broker_pb2 as pb  # noqa: E402
 from broker._proto import broker_pb2_grpc as pb_grpc  # noqa: E402
-from broker.cli.dev import TRUST_DOMAIN, DevPorts, write_dev_setup  # noqa: E402
+from broker.cli.dev import TRUST_DOMAIN  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_watch  # noqa: E402
 
 AGENT = "planner"  # allowed by the dev policy to read repo:org/app
 AUDIENCE = f"spiffe://{TRUST_DOMAIN}/service/repo"
@@ -70,6 +76,8 @@ class Target:
     inflight: int
     warmup: float
     seconds: float
+    token: str = ""  # the bearer JWT-SVID, or the token to introspect
+    name: str = AGENT  # whose SVID the channel presents
 
 
 @dataclass(slots=True)
@@ -82,11 +90,15 @@ class Tally:
 
 def _channel(target: Target) -> grpc.Channel:
     folder = Path(target.folder)
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=(folder / f"{TRUST_DOMAIN}.bundle.pem").read_bytes(),
-        private_key=(folder / f"{AGENT}-key.pem").read_bytes(),
-        certificate_chain=(folder / f"{AGENT}.pem").read_bytes(),
-    )
+    roots = (folder / f"{TRUST_DOMAIN}.bundle.pem").read_bytes()
+    if target.rpc == "bearer":  # the token listener: server TLS only, identity in the metadata
+        creds = grpc.ssl_channel_credentials(root_certificates=roots)
+    else:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=roots,
+            private_key=(folder / f"{target.name}-key.pem").read_bytes(),
+            certificate_chain=(folder / f"{target.name}.pem").read_bytes(),
+        )
     return grpc.secure_channel(
         f"127.0.0.1:{target.port}", creds, options=[("grpc.ssl_target_name_override", "localhost")]
     )
@@ -94,13 +106,20 @@ def _channel(target: Target) -> grpc.Channel:
 
 def _call_and_check(target: Target, channel: grpc.Channel) -> tuple[Any, Any, str]:
     """The stub method, its request, and why the first answer is wrong ("" when it is right)."""
-    if target.rpc == "exchange":
+    if target.rpc in ("exchange", "bearer"):
         call = pb_grpc.CredentialBrokerStub(channel).Exchange
+        if target.rpc == "bearer":
+            call = functools.partial(call, metadata=(("authorization", f"Bearer {target.token}"),))
         request = pb.ExchangeRequest(
-            task_id=f"bench-{target.index}", audience=AUDIENCE, actions=list(ACTIONS), resource=RESOURCE
+            task_id=f"bench-{target.rpc}-{target.index}", audience=AUDIENCE, actions=list(ACTIONS), resource=RESOURCE
         )
         first = call(request, timeout=CALL_TIMEOUT)
         wrong = "" if first.state == "ISSUED" and first.access_token else f"state {first.state!r}"
+    elif target.rpc == "introspect":
+        call = pb_grpc.CredentialBrokerStub(channel).Introspect
+        request = pb.IntrospectRequest(token=target.token)
+        first = call(request, timeout=CALL_TIMEOUT)
+        wrong = "" if first.active else "token not active"
     else:
         call = health_pb2_grpc.HealthStub(channel).Check
         request = health_pb2.HealthCheckRequest(service="")
@@ -169,11 +188,19 @@ def _collect(inbox: Any, kind: str, count: int, deadline: float) -> list[tuple]:
     return got
 
 
-def run_load(rpc: str, broker: BrokerProcess, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Spawn the client processes, start them together, merge what they measured."""
+def run_load(
+    rpc: str, broker: BrokerProcess, folder: Path, args: argparse.Namespace, *, token: str = "", watch: Any = None
+) -> dict[str, Any]:
+    """Spawn the client processes, start them together, merge what they measured.
+
+    `watch` (a `bench_watch.BenchSetup`) also runs the revocation-latency probe in the window.
+    """
     ctx = mp.get_context("spawn")
     inbox, go, start_at = ctx.Queue(), ctx.Event(), ctx.Value("d", 0.0)
-    target = Target(broker.ports["mtls"], str(folder), rpc, 0, args.inflight, args.warmup, args.seconds)
+    port = broker.ports["token" if rpc == "bearer" else "mtls"]
+    name = "repo" if rpc == "introspect" else AGENT  # the token's audience may introspect it
+    target = Target(port, str(folder), rpc, 0, args.inflight, args.warmup, args.seconds, token, name)
+    probe = None
     procs = [
         ctx.Process(target=client_main, args=(replace(target, index=i), inbox, go, start_at), daemon=True)
         for i in range(args.clients)
@@ -182,12 +209,17 @@ def run_load(rpc: str, broker: BrokerProcess, folder: Path, args: argparse.Names
         proc.start()
     try:
         _collect(inbox, "ready", args.clients, time.monotonic() + READY_TIMEOUT)
+        if watch is not None:
+            probe = _start_probe(broker, watch, args, ctx)
         start_at.value = time.monotonic() + 0.05  # CLOCK_MONOTONIC is system-wide on Linux
         go.set()
         window = start_at.value + args.warmup
+        if probe is not None:
+            probe.window(window, window + args.seconds)
         cpu = [_sample_at(window, broker), _sample_at(window + args.seconds, broker)]
         deadline = window + args.seconds + 3 * CALL_TIMEOUT
         results = _collect(inbox, "result", args.clients, deadline)
+        latency = probe.result() if probe is not None else None
     finally:
         for proc in procs:
             proc.join(timeout=5)
@@ -195,7 +227,47 @@ def run_load(rpc: str, broker: BrokerProcess, folder: Path, args: argparse.Names
                 proc.terminate()
                 proc.join(timeout=2)
     figures = summarise([r[2] for r in results], [r[3] for r in results], args.seconds)
+    if latency is not None:
+        figures["revocation"] = latency
     return figures | _cpu_figures(cpu[0], cpu[1], figures["calls"])
+
+
+class _Probe:
+    """The revocation-latency probe on a thread of this process, watchers in their own processes."""
+
+    def __init__(self, broker: BrokerProcess, setup: Any, args: argparse.Namespace, ctx: Any) -> None:
+        self._broker, self._setup, self._args, self._ctx = broker, setup, args, ctx
+        self._ready = threading.Event()
+        self._figures: dict[str, Any] = {}
+        self._error: BaseException | None = None
+        self._handle = bench_watch.run_latency(broker.ports["mtls"], setup, args.watchers, 0.0, 0.0, ctx)
+        bench_watch.wait_ready(self._handle)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def window(self, start: float, end: float) -> None:
+        self._handle["start"], self._handle["end"] = start, end
+        self._ready.set()
+
+    def _run(self) -> None:
+        try:
+            self._ready.wait(READY_TIMEOUT)
+            port, folder = self._broker.ports["mtls"], self._setup.folder
+            self._figures = bench_watch.probe_and_collect(
+                port, folder, self._handle, self._args.watchers, self._args.revocation_rate
+            )
+        except BaseException as e:  # reported by result()
+            self._error = e
+
+    def result(self) -> dict[str, Any]:
+        self._thread.join(READY_TIMEOUT + self._args.seconds + 60)
+        if self._error is not None or self._thread.is_alive():
+            raise BenchError(f"revocation probe failed: {self._error or 'timed out'}")
+        return self._figures
+
+
+def _start_probe(broker: BrokerProcess, setup: Any, args: argparse.Namespace, ctx: Any) -> _Probe:
+    return _Probe(broker, setup, args, ctx)
 
 
 def _sample_at(when: float, broker: BrokerProcess) -> tuple[float, float, float]:
@@ -341,26 +413,79 @@ def lift_rate_limit(config: Path) -> None:
 
 
 def run_broker_part(args: argparse.Namespace) -> dict[str, Any]:
-    """Part 1: the live broker under Exchange load, then under Health/Check load."""
+    """Part 1: the live broker under Exchange, Health/Check, bearer Exchange, Introspect and watch loads."""
     with tempfile.TemporaryDirectory(prefix="bench-exchange-") as tmp:
         folder = Path(tmp) / "dev"
-        config = write_dev_setup(folder, DevPorts(listen=0, token_listen=0, http_listen=0))
-        lift_rate_limit(config)
-        with BrokerProcess(config, Path(tmp)) as broker:
+        setup = bench_watch.write_bench_setup(folder, watchers=args.watchers)
+        lift_rate_limit(setup.config)
+        with BrokerProcess(setup.config, Path(tmp)) as broker:
             figures: dict[str, Any] = {"broker_ports": broker.ports, "rss_start_bytes": broker.rss_bytes()}
             figures["exchange"] = run_load("exchange", broker, folder, args)
             figures["rss_after_exchange_bytes"] = broker.rss_bytes()
             figures.update(lease_counts(broker.ports["http"], folder / "audit.jsonl"))
             figures["health"] = run_load("health", broker, folder, args)
             figures["rss_after_health_bytes"] = broker.rss_bytes()
+            if not args.skip_modes:
+                _run_modes(broker, folder, setup, args, figures)
         figures["broker_exit_code"] = broker.exit_code
         figures["broker_stop_s"] = broker.stop_s
-    ex, he = figures["exchange"], figures["health"]
-    figures["ratio_calls_per_s"] = ex["calls_per_s"] / he["calls_per_s"] if he["calls_per_s"] else math.nan
-    figures["ratio_p50"] = ex["p50_ms"] / he["p50_ms"] if he["p50_ms"] else math.nan
+    figures.update(ratios(figures))
     grown = figures["rss_after_exchange_bytes"] - figures["rss_start_bytes"]
     figures["rss_growth_per_lease_bytes"] = grown / max(1, figures["audit_lease_granted"])
     return figures
+
+
+def _run_modes(broker: BrokerProcess, folder: Path, setup: Any, args: argparse.Namespace, figures: dict) -> None:
+    # The mTLS Exchange again right before the bearer one, so the two compared ran on a broker
+    # in the same state (table size, warmth); the first Exchange run starts on a fresh broker.
+    figures["exchange_again"] = run_load("exchange", broker, folder, args)
+    figures["bearer"] = run_load("bearer", broker, folder, args, token=setup.bearer_token)
+    token = _one_token(broker.ports["mtls"], folder)
+    figures["introspect"] = run_load("introspect", broker, folder, args, token=token)
+    if args.watchers > 0:
+        figures["exchange_watched"] = run_load("exchange", broker, folder, args, watch=setup)
+
+
+def _one_token(port: int, folder: Path) -> str:
+    """One access token of the planner for the repo audience (what Introspect is asked about)."""
+    target = Target(port, str(folder), "exchange", 999, 1, 0, 0)
+    with _channel(target) as channel:
+        _, _, wrong = _call_and_check(target, channel)
+        if wrong:
+            raise BenchError(f"no token to introspect: {wrong}")
+        request = pb.ExchangeRequest(
+            task_id="bench-introspect", audience=AUDIENCE, actions=list(ACTIONS), resource=RESOURCE, ttl_seconds=3600
+        )
+        return pb_grpc.CredentialBrokerStub(channel).Exchange(request, timeout=CALL_TIMEOUT).access_token
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) else math.nan
+
+
+def ratios(figures: dict[str, Any]) -> dict[str, float]:
+    """The targets, each a ratio of figures measured in this run."""
+    ex, he = figures["exchange"], figures["health"]
+    out = {
+        "ratio_calls_per_s": _ratio(ex["calls_per_s"], he["calls_per_s"]),
+        "ratio_p50": _ratio(ex["p50_ms"], he["p50_ms"]),
+        "ratio_cpu_per_call": _ratio(ex["broker_cpu_ms_per_call"], he["broker_cpu_ms_per_call"]),
+    }
+    if "bearer" in figures:
+        mtls = figures["exchange_again"]["broker_cpu_ms_per_call"]
+        out["ratio_bearer_cpu"] = _ratio(figures["bearer"]["broker_cpu_ms_per_call"], mtls)
+        out["ratio_introspect_cpu"] = _ratio(
+            figures["introspect"]["broker_cpu_ms_per_call"], he["broker_cpu_ms_per_call"]
+        )
+    return out
+
+
+TARGETS = (
+    ("ratio_calls_per_s", ">=", 0.42, "Exchange throughput / Check throughput"),
+    ("ratio_cpu_per_call", "<=", 3.0, "broker CPU per Exchange / per Check"),
+    ("ratio_bearer_cpu", "<=", 1.15, "broker CPU per bearer Exchange / per mTLS Exchange just before it"),
+)
+REVOCATION_P99_TARGET_MS = 20.0
 
 
 def _bench_leases() -> Any:
@@ -397,7 +522,17 @@ def print_broker_part(f: dict[str, Any], args: argparse.Namespace) -> None:
         f"  {'rpc':<14}{'calls':>9}{'calls/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'errors':>7}"
         f"{'broker CPU':>11}{'CPU ms/call':>12}{'machine busy':>13}"
     )
-    for name, key in (("Exchange", "exchange"), ("Health/Check", "health")):
+    rows = (
+        ("Exchange", "exchange"),
+        ("Health/Check", "health"),
+        ("Exchange again", "exchange_again"),
+        ("Exchange JWT", "bearer"),
+        ("Introspect", "introspect"),
+        ("Exchange+watch", "exchange_watched"),
+    )
+    for name, key in rows:
+        if key not in f:
+            continue
         r = f[key]
         print(
             f"  {name:<14}{r['calls']:>9,}{r['calls_per_s']:>10,.1f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}"
@@ -407,6 +542,7 @@ def print_broker_part(f: dict[str, Any], args: argparse.Namespace) -> None:
         if r["error_kinds"]:
             print(f"  {'':<14}errors by code: {r['error_kinds']}")
     print(f"  exchange/health: {f['ratio_calls_per_s']:.3f} x the throughput, {f['ratio_p50']:.2f} x the p50 latency")
+    print_targets(f)
     grown = f["rss_after_exchange_bytes"] - f["rss_start_bytes"]
     print(
         f"  broker RSS      {_mib(f['rss_start_bytes'])} at start, {_mib(f['rss_after_exchange_bytes'])} after "
@@ -419,6 +555,29 @@ def print_broker_part(f: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"  RSS growth      {f['rss_growth_per_lease_bytes']:,.0f} B per lease granted (rough: all broker memory)")
     exit_code = "killed (no exit on SIGTERM)" if f["broker_exit_code"] is None else f"exit {f['broker_exit_code']}"
     print(f"  broker stop     SIGTERM -> {exit_code} in {f['broker_stop_s']:.2f} s")
+
+
+def print_targets(f: dict[str, Any]) -> None:
+    """Each target as measured in this run, and whether it was met."""
+    for key, op, limit, what in TARGETS:
+        value = f.get(key, math.nan)
+        met = value >= limit if op == ">=" else value <= limit
+        print(f"  target          {what}: {value:.3f} ({op} {limit:g}: {'met' if met else 'NOT met'})")
+    if "introspect" in f:
+        print(f"  introspect      broker CPU per Introspect / per Check: {f['ratio_introspect_cpu']:.3f}")
+    rev = f.get("exchange_watched", {}).get("revocation")
+    if rev:
+        met = rev["p99_ms"] < REVOCATION_P99_TARGET_MS and not rev["missing"]
+        print(
+            f"  target          revocation to {rev['watchers']} watchers while Exchanges run: "
+            f"p50 {rev['p50_ms']:.2f} ms, p99 {rev['p99_ms']:.2f} ms, max {rev['max_ms']:.2f} ms over "
+            f"{rev['revocations']} revocations, {rev['samples']:,} deliveries, {rev['missing']} missing "
+            f"(p99 < {REVOCATION_P99_TARGET_MS:g} ms: {'met' if met else 'NOT met'})"
+        )
+        print(
+            f"  fan-out         from the broker's revoked_at to each watcher: p50 {rev['fanout_p50_ms']:.2f} ms, "
+            f"p99 {rev['fanout_p99_ms']:.2f} ms, max {rev['fanout_max_ms']:.2f} ms (wall clocks of one machine)"
+        )
 
 
 def print_lease_part(f: dict[str, Any]) -> None:
@@ -455,6 +614,11 @@ def _parser() -> argparse.ArgumentParser:
         default=200_000,
         help="table size for the tracemalloc run (default 200000; = --leases for the full figure; 0 skips)",
     )
+    p.add_argument(
+        "--watchers", type=int, default=100, help="revocation streams in the watch run (default 100; 0 skips)"
+    )
+    p.add_argument("--revocation-rate", type=float, default=10.0, help="revocations per second in it (default 10)")
+    p.add_argument("--skip-modes", action="store_true", help="only Exchange and Check (no bearer, Introspect, watch)")
     p.add_argument("--skip-broker", action="store_true", help="only part 2")
     p.add_argument("--skip-leases", action="store_true", help="only part 1")
     p.add_argument("--json", action="store_true", help="also print every figure as one JSON object at the end")

@@ -15,11 +15,13 @@ from broker.domain.clock import Clock
 from broker.domain.errors import InvalidRequest, PermissionDenied
 from broker.domain.intent import Limits
 from broker.leases.feed import RevocationFeed
+from broker.leases.table import Lease
 from broker.tokens.minter import TokenMinter
 from broker.usecases.exchange import Exchange
 from broker.usecases.lifecycle import Leasing
 
 MAX_ID = 256
+_EVENTS_KEPT = 1024
 
 
 def _id(value: str, name: str) -> str:
@@ -51,6 +53,16 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
         self._feed = feed
         self._clock = clock
         self._limits = limits
+        # One message per end event, shared by every stream that sends it (they only read it).
+        self._events: dict[int, pb.RevocationEvent] = {}
+
+    def _event(self, seq: int, lease: Lease) -> pb.RevocationEvent:
+        event = self._events.get(seq)
+        if event is None:
+            if len(self._events) >= _EVENTS_KEPT:
+                self._events.clear()
+            event = self._events[seq] = convert.revocation_event(lease, self._feed.cursor(seq))
+        return event
 
     @rpc
     async def Exchange(self, request: pb.ExchangeRequest, context: aio.ServicerContext) -> pb.ExchangeResponse:
@@ -114,6 +126,6 @@ class CredentialBrokerServicer(pb_grpc.CredentialBrokerServicer):
             await context.send_initial_metadata(())
             while True:
                 seq, lease = await self._feed.next(sub)
-                yield convert.revocation_event(lease, self._feed.cursor(seq))
+                yield self._event(seq, lease)
         finally:
             self._feed.unsubscribe(sub)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from broker.domain.errors import ConfigError, PolicyError
 
@@ -76,11 +80,31 @@ async def _serve(config_path: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.reload_policy)
+    # What exists now (modules, config, policy, keys: some 40,000 objects) lives as long as the
+    # process. Frozen, it is left out of every full collection, which otherwise pauses the event
+    # loop for tens of milliseconds on a small machine (45 ms measured on 2 shared cores).
+    gc.collect()
+    gc.freeze()
     print(f"broker ready: {json.dumps(app.ports)}", flush=True)
     await stop.wait()
     logging.getLogger("broker").info("shutting down")
     await app.stop(grace=5.0)
     return EXIT_OK
+
+
+def run(main_coro: Coroutine[Any, Any, int]) -> int:
+    """Run the broker's event loop: uvloop when installed (less CPU per call), else asyncio's own.
+
+    `BROKER_EVENT_LOOP=asyncio` in the environment forces the standard loop (for comparison).
+    """
+    if os.environ.get("BROKER_EVENT_LOOP", "") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main_coro)
+    return asyncio.run(main_coro)
 
 
 # What the `server` extra brings; the base install is the SDKs alone.
@@ -112,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path = write_dev_setup(args.dir, ports)
         log.info("dev setup written", extra={"dir": str(args.dir), "config": str(config_path)})
     try:
-        return asyncio.run(_serve(config_path))
+        return run(_serve(config_path))
     except ConfigError as e:
         print(f"broker: config error: {e.reason}", file=sys.stderr)
         return EXIT_CONFIG

@@ -46,7 +46,8 @@ def _printable(value: str, name: str, limit: int) -> str:
         raise InvalidRequest(f"{name} is required")
     if len(value) > limit:
         raise InvalidRequest(f"{name} is longer than {limit} characters")
-    if any(c.isspace() or not c.isprintable() or c in '"\\' for c in value):
+    # The only printable whitespace is " " (checked over all of Unicode), so whole-string tests suffice.
+    if not value.isprintable() or " " in value or '"' in value or "\\" in value:
         raise InvalidRequest(f"{name} must not contain spaces, quotes, backslashes or control characters")
     return value
 

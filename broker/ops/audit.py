@@ -7,6 +7,7 @@ by its hash, so a token pasted into a free-text field (a note, a reason) is not 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -36,12 +37,38 @@ _JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){2,}")
 _FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 
 
+# Formatted whole seconds recently used: a record's own time and its expiry times repeat
+# from one record to the next. Cleared when full, so it stays small.
+_SECONDS: dict[int, str] = {}
+_SECONDS_KEPT = 256
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def rfc3339(t: float) -> str:
-    """POSIX seconds as RFC 3339 UTC with milliseconds, e.g. "2026-01-02T03:04:05.678Z"."""
-    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """POSIX seconds as RFC 3339 UTC with milliseconds, e.g. "2026-01-02T03:04:05.678Z".
+
+    Equal to `datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")` with "Z":
+    microseconds rounded half-even as datetime does, then truncated to milliseconds.
+
+    Raises:
+        ValueError, OverflowError, OSError: `t` is outside what datetime can represent.
+    """
+    second = math.floor(t)
+    micros = round((t - second) * 1_000_000)
+    if micros == 1_000_000:
+        second, micros = second + 1, 0
+    prefix = _SECONDS.get(second)
+    if prefix is None:
+        prefix = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        if len(_SECONDS) >= _SECONDS_KEPT:
+            _SECONDS.clear()
+        _SECONDS[second] = prefix
+    return f"{prefix}.{micros // 1000:03d}Z"
 
 
+@functools.lru_cache(maxsize=512)
 def _check_name(name: str) -> None:
+    # Field names come from code, so a few hundred cover them all; a refusal is never cached.
     if _is_forbidden(name):
         raise ValueError(f"audit field {name!r} could carry a secret: record token_hash(...) instead")
     if name in _RESERVED_FIELDS:
@@ -77,6 +104,8 @@ def _scrub(value: Any) -> Any:
 
 
 def _field_value(name: str, value: Any) -> Any:
+    if type(value) is str and "eyJ" not in value and "PRIVATE KEY" not in value:
+        return value  # the common case: nothing to scrub
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
     if is_number and (name.endswith("_at") or name == "deadline"):
         try:
@@ -170,7 +199,7 @@ class AuditLog:
             _check_name(name)
             if value is not None:
                 record[name] = _field_value(name, value)
-        line = json.dumps(record, separators=(",", ":")) + "\n"
+        line = _ENCODER.encode(record) + "\n"
         with self._lock:
             try:
                 self._sink.write(line)

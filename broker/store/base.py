@@ -140,7 +140,21 @@ class MemoryStore:
                 fn(event)
 
     async def expire(self, now: float, *, limit: int) -> list[Lease]:
-        return self.run(lambda b: b.expire_due(now, limit=limit))
+        # Passes until nothing is due or the budget is spent: ends applied in one pass push the
+        # tombstone and purge entries that may already be due too.
+        changed: list[Lease] = []
+        budget = limit
+        while budget > 0 and self.table.has_due(now):
+            handled: list[int] = []
+
+            def plan(batch: Batch, left: int = budget, out: list[int] = handled) -> list[Lease]:
+                ended = batch.expire_due(now, limit=left)
+                out.append(batch.handled)
+                return ended
+
+            changed.extend(self.run(plan))
+            budget -= handled[0]
+        return changed
 
     async def sync(self) -> None:
         return None

@@ -160,14 +160,15 @@ class PostgresStore:
         self._tailer = asyncio.create_task(self._tail(), name="store-tailer")
 
     async def close(self) -> None:
-        for task in (self._tailer, self._refreshing, *self._background):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        # Bounded: a stop must not wait on a connection stuck in the network.
+        tasks = [t for t in (self._tailer, self._refreshing, *self._background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=3.0)
         self._tailer = None
         if self._pool is not None:
-            await self._pool.close()
+            await self._pool.close(timeout=3.0)
             self._pool = None
 
     # -- commands

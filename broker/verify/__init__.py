@@ -60,6 +60,12 @@ class Verifiers:
         """
         if token_type not in (None, TOKEN_TYPE_JWT, TOKEN_TYPE_ID_TOKEN):
             raise InvalidRequest("subject_token_type is not supported here")
+        routed_to_jwt_svid = token_type == TOKEN_TYPE_JWT or (token_type is None and not self._oidc)
+        if routed_to_jwt_svid and self._jwt_svid is not None:
+            # Skips even parsing the token when the JWT-SVID verifier remembers it (until its exp).
+            known = self._jwt_svid.remembered(token, now=now)
+            if known is not None:
+                return known
         if token_type != TOKEN_TYPE_JWT:
             iss = parse_token(token).payload.get("iss")
             oidc = self._oidc.get(iss) if isinstance(iss, str) else None

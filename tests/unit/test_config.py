@@ -233,6 +233,16 @@ def test_minimal_file_takes_the_defaults(folder: Path) -> None:
     assert (config.limits.max_streams_per_watcher, config.limits.watch_buffer) == (8, 65536)
 
 
+def test_the_postgres_store_reads_its_dsn_from_a_file_and_allows_reuse_port(folder: Path) -> None:
+    (folder / "store.dsn").write_text("host=db.internal dbname=broker password=s3cret\n")
+    doc = _edit(_edit(GOOD, ("store",), {"backend": "postgres", "dsn_file": "store.dsn", "replica_id": "a"}),
+                ("server", "reuse_port"), True)  # fmt: skip
+    config = load_config(_write(folder, doc))
+    assert (config.store.backend, config.store.replica_id, config.server.reuse_port) == ("postgres", "a", True)
+    assert config.store.dsn == "host=db.internal dbname=broker password=s3cret"
+    assert "s3cret" not in repr(config)
+
+
 def test_trust_domain_lookup(folder: Path) -> None:
     config: Config = load_config(_write(folder, GOOD))
     found = config.trust_domain("other.org")
@@ -402,6 +412,15 @@ BAD = [
     Bad("issuer-not-a-string", ("tokens", "issuer"), 42, "tokens.issuer"),
     Bad("audit-on-failure-unknown", ("audit", "on_failure"), "ignore", "audit.on_failure"),
     Bad("limits-streams-zero", ("limits", "max_streams_per_watcher"), 0, "limits.max_streams_per_watcher"),
+    # store
+    Bad("reuse-port-with-memory-store", ("server", "reuse_port"), True, "server.reuse_port"),
+    Bad("reuse-port-not-a-bool", ("server", "reuse_port"), "yes", "server.reuse_port"),
+    Bad("store-unknown-backend", ("store",), {"backend": "etcd"}, "store.backend"),
+    Bad("store-postgres-without-dsn", ("store",), {"backend": "postgres"}, "store.dsn"),
+    Bad("store-dsn-and-dsn-file", ("store",), {"backend": "postgres", "dsn": "x", "dsn_file": "y"}, "store.dsn_file"),
+    Bad("store-dsn-file-missing", ("store",), {"backend": "postgres", "dsn_file": "nope.dsn"}, "store.dsn_file"),
+    Bad("store-dsn-with-memory", ("store",), {"dsn": "host=db"}, "store.backend"),
+    Bad("store-unknown-key", ("store",), {"backend": "postgres", "dsn": "x", "pool": 3}, "store.pool"),
 ]
 
 
