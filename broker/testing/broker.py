@@ -69,6 +69,25 @@ path = "audit.jsonl"
 """
 
 
+async def _cancel_remaining(timeout: float) -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
+
+
+def shutdown_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread | None, timeout: float = 10.0) -> None:
+    """Stop a loop served by `thread` as `asyncio.run` would: cancel and await what is still running
+    (a store's tailer, a stream), then stop and close it, so no task is left to be garbage-collected
+    half-way through its cleanup."""
+    asyncio.run_coroutine_threadsafe(_cancel_remaining(timeout), loop).result(timeout + 5)
+    loop.call_soon_threadsafe(loop.stop)
+    if thread is not None:
+        thread.join(5)
+    loop.close()
+
+
 class InProcessBroker:
     """A broker for integration tests. `issuer` defaults to a new `MockIssuer`; `clock` to the wall clock."""
 
@@ -129,10 +148,7 @@ class InProcessBroker:
         if self.app is None or self._loop is None:
             return
         self.call(self.app.stop(grace=0.2))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(5)
-        self._loop.close()
+        shutdown_loop(self._loop, self._thread)
         self.app = self._loop = self._thread = None
 
     def close(self) -> None:

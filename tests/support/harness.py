@@ -15,6 +15,7 @@ import grpc
 from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.app.server import BrokerApp, build_app
 from broker.config.settings import load_config
+from broker.testing.broker import shutdown_loop
 from broker.testing.clock import FakeClock
 from broker.testing.mock_issuer import MockIssuer
 from broker.testing.x509_ca import X509Svid
@@ -218,9 +219,7 @@ class RunningBroker:
 
     def stop(self) -> None:
         self.call(self.app.stop(grace=0.2))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        self.loop.close()
+        shutdown_loop(self.loop, self._thread)
 
     @property
     def mtls_port(self) -> int:
