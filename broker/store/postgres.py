@@ -98,6 +98,9 @@ class PostgresStore:
         self._refreshing: asyncio.Task | None = None
         self._publish_pending = False
         self._background: set[asyncio.Task] = set()
+        self._pool_stale = False
+        self._renewing = asyncio.Lock()
+        self._retired: list[AsyncConnectionPool] = []
         self._reloader: Reloader | None = None
         self._answers: dict[int, dict[str, ReplicaReload]] = {}
 
@@ -115,6 +118,8 @@ class PostgresStore:
         if healthy == self._healthy:
             return
         self._healthy = healthy
+        if not healthy:
+            self._pool_stale = True
         message = "lease store reachable" if healthy else "lease store unreachable"
         log.warning(message, extra={"replica": self.replica_id})
         for fn in self._health:
@@ -139,16 +144,7 @@ class PostgresStore:
                 await ensure_schema(conn)
                 row = await (await conn.execute("SELECT value FROM broker_meta WHERE name = 'epoch'")).fetchone()
                 self.epoch = str(row[0]) if row else ""
-            self._pool = AsyncConnectionPool(
-                self._dsn,
-                kwargs={**_CONNECT, "application_name": "broker"},
-                min_size=1,
-                max_size=8,
-                open=False,
-                timeout=POOL_TIMEOUT,
-                check=AsyncConnectionPool.check_connection,
-                reconnect_timeout=float("inf"),
-            )
+            self._pool = self._new_pool()
             await self._pool.open(wait=True, timeout=10)
             await self.sync()
             await self._publish_key()
@@ -167,9 +163,52 @@ class PostgresStore:
         if tasks:
             await asyncio.wait(tasks, timeout=3.0)
         self._tailer = None
-        if self._pool is not None:
-            await self._pool.close(timeout=3.0)
-            self._pool = None
+        pools = [p for p in (self._pool, *self._retired) if p is not None]
+        self._pool = None
+        self._retired.clear()
+        for pool in pools:
+            await pool.close(timeout=3.0)
+
+    def _new_pool(self) -> AsyncConnectionPool:
+        return AsyncConnectionPool(
+            self._dsn,
+            kwargs={**_CONNECT, "application_name": "broker"},
+            min_size=1,
+            max_size=8,
+            open=False,
+            timeout=POOL_TIMEOUT,
+            check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=float("inf"),
+        )
+
+    async def _renew_pool(self) -> None:
+        """After an outage, answer from a fresh pool as soon as PostgreSQL is back.
+
+        The pool's own reconnects back off without bound (1 s, 2 s, 4 s, ...), so after a long
+        outage it could keep failing calls long after the server returned. While the store is
+        marked down, each call first tries one direct connection: refused at once while the
+        server is down (the call fails fast), and when it succeeds the old pool is replaced.
+        """
+        async with self._renewing:
+            if not self._pool_stale:
+                return
+            probe = await psycopg.AsyncConnection.connect(self._dsn, **_CONNECT)
+            await probe.close()
+            pool = self._new_pool()
+            try:
+                await pool.open(wait=True, timeout=POOL_TIMEOUT)
+            except BaseException:
+                await pool.close(timeout=0)
+                raise
+            old, self._pool, self._pool_stale = self._pool, pool, False
+            if old is not None:
+                self._retired.append(old)
+                self._spawn(self._retire(old))
+
+    async def _retire(self, pool: AsyncConnectionPool) -> None:
+        await pool.close(timeout=3.0)
+        with contextlib.suppress(ValueError):
+            self._retired.remove(pool)
 
     # -- commands
 
@@ -234,6 +273,8 @@ class PostgresStore:
     async def _connection(self):  # type: ignore[no-untyped-def]
         if self._pool is None:
             raise StoreUnavailable("lease store is not started")
+        if self._pool_stale:
+            await self._renew_pool()
         async with self._pool.connection(timeout=POOL_TIMEOUT) as conn:
             yield conn
 
@@ -438,6 +479,7 @@ class PostgresStore:
                 async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, **_CONNECT) as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     await self._read_new(conn)  # whatever was missed while not listening
+                    await self._renew_pool()
                     self._set_healthy(True)
                     backoff = 0.2
                     await self._follow(conn)
