@@ -108,7 +108,9 @@ def run(main_coro: Coroutine[Any, Any, int]) -> int:
 
 
 # What the `server` extra brings; the base install is the SDKs alone.
-SERVER_MODULES = ("cedarpy", "prometheus_client", "grpc_health", "grpc_reflection", "psycopg", "psycopg_pool")
+SERVER_MODULES = (
+    "cedarpy", "prometheus_client", "grpc_health", "grpc_reflection", "psycopg", "psycopg_pool", "orjson",
+)
 
 
 def _missing_server_part() -> str | None:

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import orjson
+
 from broker.domain.clock import Clock
 from broker.domain.errors import AuditUnavailable
 from broker.jose.jws import token_hash
@@ -42,6 +44,17 @@ _FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 
 _SECONDS: dict[int, str] = {}
 _SECONDS_KEPT = 256
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def _encode(record: Mapping[str, Any]) -> str:
+    """One compact JSON line: orjson (three records per Exchange, a tenth of json's cost), else json.
+
+    orjson refuses what json takes (ints beyond 64 bits, lone surrogates): those go through json.
+    """
+    try:
+        return orjson.dumps(record).decode()
+    except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
+        return _ENCODER.encode(record)
 
 
 def rfc3339(t: float) -> str:
@@ -199,7 +212,7 @@ class AuditLog:
             _check_name(name)
             if value is not None:
                 record[name] = _field_value(name, value)
-        line = _ENCODER.encode(record) + "\n"
+        line = _encode(record) + "\n"
         with self._lock:
             try:
                 self._sink.write(line)

@@ -8,13 +8,15 @@ Key objects are prepared once per key, not per call: minting happens on every Ex
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 from cryptography.exceptions import InvalidSignature
-from jwt.algorithms import Algorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from broker.domain.errors import CredentialRejected
 from broker.jose.jws import UnverifiedToken, check_times, parse_token
@@ -23,6 +25,26 @@ from broker.jose.keys import SIGNING_ALGORITHMS, SigningKey, b64url
 TOKEN_TYP = "at+jwt"
 ALGORITHMS = SIGNING_ALGORITHMS
 LABEL = "broker token"
+_ES256 = ec.ECDSA(hashes.SHA256())
+_P256_BYTES = 32
+# The claims as compact JSON, standard JSON only (no NaN): one encoder, built once.
+_CLAIMS_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _signer(key: SigningKey) -> Callable[[bytes], bytes]:
+    """The JWS signature function of `key`: raw r||s for ES256 (RFC 7518 3.4), the bytes for EdDSA.
+
+    Straight on `cryptography`, with the ECDSA parameters made once: minting runs on every Exchange.
+    """
+    private_key = key.private_key
+    if key.algorithm == "ES256":  # SigningKey checked that the key fits its algorithm
+
+        def sign_es256(data: bytes) -> bytes:
+            r, s = decode_dss_signature(private_key.sign(data, _ES256))
+            return r.to_bytes(_P256_BYTES, "big") + s.to_bytes(_P256_BYTES, "big")
+
+        return sign_es256
+    return private_key.sign  # type: ignore[return-value]  # Ed25519: already the raw 64 bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +93,7 @@ class _KeyRing:
 
     current: SigningKey
     header_segment: bytes  # the header is the same for every token of a key: encode it once
-    signer: Algorithm
+    sign: Callable[[bytes], bytes]
     verifying: tuple[_VerifyingKey, ...]  # current first, then previous still kept
     by_kid: Mapping[str, _VerifyingKey]
 
@@ -80,8 +102,7 @@ class _KeyRing:
         verifying = (_VerifyingKey.of(current), *previous)
         header = {"alg": current.algorithm, "kid": current.kid, "typ": TOKEN_TYP}
         segment = b64url(json.dumps(header, separators=(",", ":")).encode()).encode("ascii")
-        signer = verifying[0].pyjwk.Algorithm
-        return cls(current, segment, signer, verifying, {v.kid: v for v in verifying})
+        return cls(current, segment, _signer(current), verifying, {v.kid: v for v in verifying})
 
 
 def _rejected(rule: str) -> CredentialRejected:
@@ -129,9 +150,9 @@ class TokenMinter:
             ValueError: a claim is not JSON-serialisable as standard JSON (e.g. NaN).
         """
         ring = self._ring
-        payload = json.dumps(dict(claims), separators=(",", ":"), allow_nan=False).encode()
+        payload = _CLAIMS_ENCODER.encode(dict(claims)).encode()
         signing_input = ring.header_segment + b"." + b64url(payload).encode("ascii")
-        signature = ring.signer.sign(signing_input, ring.current.private_key)
+        signature = ring.sign(signing_input)
         return f"{signing_input.decode('ascii')}.{b64url(signature)}"
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:

@@ -217,6 +217,22 @@ def test_non_finite_numbers_are_written_as_text(audit: AuditLog, sink: io.String
     assert (record["ratio"], record["expires_at"]) == ("nan", "inf")
 
 
+def test_an_int_beyond_64_bits_is_written_as_the_number(audit: AuditLog, sink: io.StringIO) -> None:
+    audit.record("decision", count=2**70)
+    assert lines(sink)[0]["count"] == 2**70
+
+
+def test_a_lone_surrogate_is_written_escaped(audit: AuditLog, sink: io.StringIO) -> None:
+    audit.record("decision", reason="bad \ud800 text")
+    assert "\\ud800" in sink.getvalue()
+    assert lines(sink)[0]["reason"] == "bad \ud800 text"
+
+
+def test_non_ascii_text_is_kept(audit: AuditLog, sink: io.StringIO) -> None:
+    audit.record("decision", reason="r\u00e9sum\u00e9 \u2603")
+    assert lines(sink)[0]["reason"] == "r\u00e9sum\u00e9 \u2603"
+
+
 def test_token_hash_is_sha256_prefix_of_32_hex() -> None:
     assert re.fullmatch(r"sha256:[0-9a-f]{32}", token_hash("a.b.c"))
 

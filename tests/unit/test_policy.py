@@ -366,6 +366,8 @@ CLAIMS_CASES = [
         True,
     ),
     ClaimsCase("tuple-and-set-become-sets", "set", {"tags": ("x", None, 2.5)}, True),
+    # not valid UTF-8 text: Cedar cannot take it, so the request is denied rather than raising
+    ClaimsCase("lone-surrogate-is-a-deny", "score", {"score": 1.5, "name": "bad \ud800"}, False),
 ]
 
 
