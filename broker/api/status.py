@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -54,7 +55,6 @@ STATUS: dict[type[errors.BrokerError], grpc.StatusCode] = {
 MAX_REASON = 300
 
 
-
 def status_for(error: errors.BrokerError) -> grpc.StatusCode:
     """The status of the most specific mapped class in `error`'s MRO."""
     for cls in type(error).__mro__:
@@ -87,13 +87,20 @@ def rpc(fn: Handler[T]) -> Handler[T]:
 
     method = fn.__name__
     latency = RPC_LATENCY.labels(method)
+    counted: dict[str, Any] = {}  # code -> its counter child: `labels()` takes a lock and builds a key
+
+    def count(code: str) -> None:
+        child = counted.get(code)
+        if child is None:
+            child = counted[code] = RPCS.labels(method, code)
+        child.inc()
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: aio.ServicerContext) -> T:
         code = "OK"
+        started = time.perf_counter()
         try:
-            with latency.time():
-                return await fn(self, request, context)
+            return await fn(self, request, context)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -105,7 +112,8 @@ def rpc(fn: Handler[T]) -> Handler[T]:
             await _abort_for(exc, context, method)
             raise AssertionError("unreachable") from exc  # abort always raises
         finally:
-            RPCS.labels(method, code).inc()
+            latency.observe(time.perf_counter() - started)
+            count(code)
 
     return wrapper
 
