@@ -7,7 +7,6 @@ by its hash, so a token pasted into a free-text field (a note, a reason) is not 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -79,9 +78,15 @@ def rfc3339(t: float) -> str:
     return f"{prefix}.{micros // 1000:03d}Z"
 
 
-@functools.lru_cache(maxsize=512)
+# Field names that passed `_check_name`: they come from code, so a few dozen cover them all; a
+# refusal is never remembered. Capped so that names built from input could not grow it for good.
+_CHECKED_NAMES: set[str] = set()
+_CHECKED_KEPT = 512
+
+
 def _check_name(name: str) -> None:
-    # Field names come from code, so a few hundred cover them all; a refusal is never cached.
+    if len(_CHECKED_NAMES) >= _CHECKED_KEPT:
+        _CHECKED_NAMES.clear()
     if _is_forbidden(name):
         raise ValueError(f"audit field {name!r} could carry a secret: record token_hash(...) instead")
     if name in _RESERVED_FIELDS:
@@ -103,6 +108,8 @@ def _scrub(value: Any) -> Any:
         if "PRIVATE KEY" in value:
             return "[redacted]"
         return _JWT_LIKE.sub(lambda m: token_hash(m.group(0)), value) if "eyJ" in value else value
+    if type(value) is list or type(value) is tuple:  # before the Mapping check, an ABC's slow isinstance
+        return [_scrub(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # NaN and inf are not JSON
     if value is None or isinstance(value, bool | int | float):
@@ -209,7 +216,9 @@ class AuditLog:
     def _write(self, ts: float, kind: str, fields: Mapping[str, Any]) -> bool:
         record: dict[str, Any] = {"ts": rfc3339(ts), "kind": kind}
         for name, value in fields.items():
-            _check_name(name)
+            if name not in _CHECKED_NAMES:
+                _check_name(name)
+                _CHECKED_NAMES.add(name)
             if value is not None:
                 record[name] = _field_value(name, value)
         line = _encode(record) + "\n"

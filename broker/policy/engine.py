@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ class _Policy:
     order: int
     max_ttl: int | None
     approval: bool
+
+
+_FILE_ORDER = operator.attrgetter("order")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,12 +165,13 @@ def _evaluate(snapshot: _Snapshot, actions: Sequence[str], requests: list[dict[s
 
 def _decision(snapshot: _Snapshot, action: str, result: cedarpy.AuthzResult) -> Decision:
     diagnostics = result.diagnostics
-    deciding = sorted(
-        (snapshot.policies[r] for r in diagnostics.reasons if r in snapshot.policies),
-        key=lambda p: p.order,
-    )
+    policies = snapshot.policies
+    deciding = [policies[r] for r in diagnostics.reasons if r in policies]
+    if len(deciding) > 1:
+        deciding.sort(key=_FILE_ORDER)
     names = tuple(p.name for p in deciding)
-    errors = tuple(_rename_ids(snapshot, e) for e in diagnostics.errors)
+    found = diagnostics.errors
+    errors = tuple(_rename_ids(snapshot, e) for e in found) if found else ()
     if result.allowed:
         ttls = [p.max_ttl for p in deciding if p.max_ttl is not None]
         return Decision(
