@@ -366,12 +366,19 @@ def _wire(
     """The lease table, the use cases and the loops around the built parts, as a `BrokerApp`."""
     # Construction order is subscription order: lease events reach the feed, then the reaper.
     # The audit log and the secret backends read the batches this broker committed, so each
-    # change is audited (and each role dropped) once, by the replica that made it.
+    # change is audited (and each ended lease's role dropped) once, by the replica that made it;
+    # the backends read the table too, to know which roles another replica's leases hold.
     leases = LeaseTable(tombstone_grace=TOMBSTONE_GRACE_SECONDS)
     store = build_store(config, leases, minter=minter, clock=clock)
     store.on_committed(audit.on_event)
     store.on_reload(_peer_reloader(policy, audit))
-    backends = Backends([PostgresBackend(b) for b in config.backends], clock=clock, audit=audit)
+    backends = Backends(
+        [PostgresBackend(b) for b in config.backends],
+        clock=clock,
+        audit=audit,
+        leases=store,
+        clock_skew=config.tokens.clock_skew,
+    )
     store.on_committed(backends.on_event)
     approvals = ApprovalStore()
     settings = _settings(config)

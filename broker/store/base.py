@@ -43,6 +43,8 @@ class LeaseStore(Protocol):
     table: LeaseTable
     epoch: str
     replica_id: str
+    # True when leases outlive this process (other replicas serve them after it stops).
+    durable: bool
 
     @property
     def healthy(self) -> bool:
@@ -101,6 +103,8 @@ class LeaseStore(Protocol):
 
 class MemoryStore:
     """A single broker's store: the table is the truth; nothing awaits, so a command is atomic."""
+
+    durable = False
 
     def __init__(self, table: LeaseTable, *, minter: TokenMinter, replica_id: str = "memory") -> None:
         self.table = table

@@ -69,6 +69,8 @@ _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSE
 class PostgresStore:
     """A replica's view of the shared store; `table` is its local copy of the log's state."""
 
+    durable = True
+
     def __init__(
         self,
         table: LeaseTable,

@@ -145,7 +145,8 @@ class Issuer:
             TaskConflict: the task was closed or taken meanwhile (by any replica).
             StoreUnavailable: the store cannot be reached; nothing was issued.
             PermissionDenied: the backend grants nothing for an action.
-            BackendUnavailable: the backend could not create the role.
+            BackendUnavailable: the backend could not create the role, or the lease could not be
+                granted within the provisioning deadline (the role is then dropped).
             AuditUnavailable: the token's record cannot be written; the lease is ended at once
                 (AUDIT_UNAVAILABLE) and the token never leaves.
         """
@@ -159,8 +160,16 @@ class Issuer:
         prepared = self._prepare(plan)
         role, secret = await self._backends.provision(backend, plan.intent.actions, prepared.lease.expires_at)
         prepared = replace(prepared, lease=replace(prepared.lease, backend=backend.name, role=role))
+        backends = self._backends
+
+        def in_time() -> None:
+            # Checked in the grant's atomic step: past the deadline another replica may drop the role.
+            backends.check_in_time(backend.name, role)
+            if guard is not None:
+                guard()
+
         try:
-            issued = await self._commit(plan, prepared, guard=guard)
+            issued = await self._commit(plan, prepared, guard=in_time)
         except BaseException:
             self._backends.discard(backend.name, role, lease_id=prepared.lease.id, task_id=prepared.lease.task_id)
             raise
