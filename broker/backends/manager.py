@@ -246,11 +246,12 @@ class Backends:
                 await task
         self._tasks.clear()
         if not self._leases.durable:
-            for backend in self._by_name.values():
-                for lease in self._leases_of(backend):
-                    if lease.state is LeaseState.ACTIVE and lease.role:
-                        self._enqueue(backend.name, lease.role, lease_id=lease.id, task_id=lease.task_id,
-                                      cause=BROKER_STOPPED)  # fmt: skip
+            live = [lease for b in self._by_name.values() for lease in self._leases_of(b)]
+            for lease in live:
+                if lease.state is LeaseState.ACTIVE and lease.backend and lease.role:
+                    self._enqueue(
+                        lease.backend, lease.role, lease_id=lease.id, task_id=lease.task_id, cause=BROKER_STOPPED
+                    )
         attempts = [self._attempt(self._by_name[r.backend], r) for r in self._store.all()]
         if attempts:
             try:
@@ -265,6 +266,7 @@ class Backends:
 
         Raises:
             BackendUnavailable: the backend cannot be listed.
+            StoreUnavailable: a durable store cannot be read up to now (no role is judged then).
         """
         backend = self._by_name[name]
         self._dropped[name].clear()
