@@ -373,7 +373,7 @@ def _wire(
     store.on_reload(_peer_reloader(policy, audit))
     backends = Backends([PostgresBackend(b) for b in config.backends], clock=clock, audit=audit)
     store.on_committed(backends.on_event)
-    approvals = ApprovalStore()
+    approvals = leases.approvals
     settings = _settings(config)
     issuer = Issuer(store=store, minter=minter, audit=audit, clock=clock, settings=settings, backends=backends)
     exchange = Exchange(
@@ -381,7 +381,6 @@ def _wire(
         policy=policy,
         store=store,
         minter=minter,
-        approvals=approvals,
         issuer=issuer,
         audit=audit,
         clock=clock,
@@ -398,9 +397,7 @@ def _wire(
         settings=settings,
         backends=backends,
     )
-    admin = Admin(
-        store=store, policy=policy, approvals=approvals, minter=minter, audit=audit, clock=clock, backends=backends
-    )
+    admin = Admin(store=store, policy=policy, minter=minter, audit=audit, clock=clock, backends=backends)
     return BrokerApp(
         config=config,
         clock=clock,
@@ -419,7 +416,7 @@ def _wire(
             max_streams_per_watcher=config.limits.max_streams_per_watcher,
             epoch=store.epoch,
         ),
-        reaper=Reaper(store=store, approvals=approvals, minter=minter, clock=clock),
+        reaper=Reaper(store=store, minter=minter, clock=clock),
         verifiers=verifiers,
         limiter=RateLimiter(rate=config.limits.rate_per_second, burst=config.limits.rate_burst),
         backends=backends,
