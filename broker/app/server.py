@@ -380,7 +380,7 @@ def _wire(
         clock_skew=config.tokens.clock_skew,
     )
     store.on_committed(backends.on_event)
-    approvals = ApprovalStore()
+    approvals = leases.approvals
     settings = _settings(config)
     issuer = Issuer(store=store, minter=minter, audit=audit, clock=clock, settings=settings, backends=backends)
     exchange = Exchange(
@@ -388,7 +388,6 @@ def _wire(
         policy=policy,
         store=store,
         minter=minter,
-        approvals=approvals,
         issuer=issuer,
         audit=audit,
         clock=clock,
@@ -405,9 +404,7 @@ def _wire(
         settings=settings,
         backends=backends,
     )
-    admin = Admin(
-        store=store, policy=policy, approvals=approvals, minter=minter, audit=audit, clock=clock, backends=backends
-    )
+    admin = Admin(store=store, policy=policy, minter=minter, audit=audit, clock=clock, backends=backends)
     return BrokerApp(
         config=config,
         clock=clock,
@@ -426,7 +423,7 @@ def _wire(
             max_streams_per_watcher=config.limits.max_streams_per_watcher,
             epoch=store.epoch,
         ),
-        reaper=Reaper(store=store, approvals=approvals, minter=minter, clock=clock),
+        reaper=Reaper(store=store, minter=minter, clock=clock),
         verifiers=verifiers,
         limiter=RateLimiter(rate=config.limits.rate_per_second, burst=config.limits.rate_burst),
         backends=backends,

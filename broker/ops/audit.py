@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from broker.approvals.store import ApprovalChanged, Change
 from broker.domain.clock import Clock
 from broker.domain.errors import AuditUnavailable
 from broker.jose.jws import token_hash
@@ -175,8 +176,24 @@ class AuditLog:
         if not self._write(self._clock.now(), kind, fields) and self._refuse:
             raise AuditUnavailable("audit unavailable")
 
+    def ahead(self, event: ApprovalChanged) -> None:
+        """Record an operator's decision before it commits: refused (in "refuse" mode) when it cannot be.
+
+        Called from inside the decision's batch, so an approval never takes effect unrecorded;
+        `on_event` then skips it. A commit that fails after this leaves the record of a decision
+        that did not take effect (the operator was answered UNAVAILABLE).
+
+        Raises:
+            AuditUnavailable: the write failed and `on_failure` is "refuse".
+        """
+        kind, fields = _event_record(event) or ("approval", {})
+        if not self._write(event.at, kind, fields) and self._refuse and event.change is Change.APPROVED:
+            raise AuditUnavailable("audit unavailable")
+
     def on_event(self, event: Event) -> None:
-        """LeaseTable subscriber: one record per event, stamped with the event's own time."""
+        """Committed-batch reader: one record per event, stamped with the event's own time."""
+        if isinstance(event, ApprovalChanged) and event.change in AHEAD:
+            return  # written by `ahead`, before the decision committed
         record = _event_record(event)
         if record is None:
             # never raise into the table's publish loop: the other subscribers still run
@@ -236,8 +253,37 @@ def _lease_fields(event: LeaseGranted | LeaseEnded) -> dict[str, Any]:
     }
 
 
+# Operators' decisions are recorded before they commit (`AuditLog.ahead`); every other change after.
+AHEAD = frozenset({Change.APPROVED, Change.DENIED})
+
+
+def _approval_fields(event: ApprovalChanged) -> dict[str, Any]:
+    approval = event.approval
+    fields: dict[str, Any] = {
+        "approval_id": approval.id,
+        "principal": approval.principal,
+        "client_id": approval.client_id,
+        "task_id": approval.task_id,
+    }
+    match event.change:
+        case Change.REQUESTED:
+            fields.update(
+                actions=list(approval.actions),
+                resource=approval.resource,
+                audience=approval.audience,
+                policies=list(approval.policies),
+            )
+        case Change.APPROVED | Change.DENIED:
+            fields.update(operator=approval.decided_by, note=approval.note or None)
+        case Change.USED | Change.RELEASED:
+            fields.update(lease_id=approval.lease_id or None, approved_by=approval.decided_by)
+    return fields
+
+
 def _event_record(event: Event) -> tuple[str, dict[str, Any]] | None:
     match event:
+        case ApprovalChanged(change=change):
+            return f"approval.{change.value}", _approval_fields(event)
         case LeaseGranted():
             return "lease.granted", {**_lease_fields(event), "issued_at": event.lease.issued_at}
         case LeaseRenewed(lease_id=lease_id, expires_at=expires_at, token_exp=token_exp):
