@@ -36,7 +36,7 @@ class Backend(Protocol):
 
     Every method that talks to the system raises `BackendUnavailable` (with a short reason that
     names the backend and never holds a password) when it cannot; `revoke` is idempotent: a
-    role that is already gone counts as revoked.
+    role that is already gone (dropped by another replica) counts as revoked, and it says so.
     """
 
     name: str
