@@ -16,6 +16,7 @@ import re
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -119,6 +120,31 @@ def _field_value(name: str, value: Any) -> Any:
 ON_FAILURE = ("refuse", "continue")
 
 
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """One decision on a request, as the `decision` record says it; made and recorded by one replica.
+
+    A decision changes no shared state, so it is no event in the store's log: the use case that
+    decided hands this value to `AuditLog.decision`, the one place that writes it.
+    """
+
+    client_id: str
+    actions: tuple[str, ...]
+    allowed: bool
+    reason: str
+    policies: tuple[str, ...] = ()
+    principal: str | None = None
+    auth: str | None = None
+    task_id: str | None = None
+    resource: str | None = None
+    audience: str | None = None
+    delegated: bool = False
+    approval_required: bool = False
+    parent_lease_id: str | None = None
+    lease_id: str | None = None
+    renewal: bool = False
+
+
 class AuditLog:
     """Writes audit records as JSON lines to a text sink, flushed per record.
 
@@ -174,6 +200,32 @@ class AuditLog:
             ValueError: a field name that could carry a token or key, or a reserved name.
         """
         if not self._write(self._clock.now(), kind, fields) and self._refuse:
+            raise AuditUnavailable("audit unavailable")
+
+    def decision(self, decided: Decided, *, required: bool) -> None:
+        """Record a decision; `required` when a grant depends on it (refused in "refuse" mode then).
+
+        Raises:
+            AuditUnavailable: `required`, the write failed and `on_failure` is "refuse".
+        """
+        fields = {
+            "principal": decided.principal,
+            "client_id": decided.client_id,
+            "auth": decided.auth,
+            "lease_id": decided.lease_id,
+            "task_id": decided.task_id or None,
+            "actions": list(decided.actions),
+            "resource": decided.resource,
+            "audience": decided.audience,
+            "delegated": decided.delegated or None,
+            "decision": "allow" if decided.allowed else "deny",
+            "policies": list(decided.policies),
+            "reason": decided.reason,
+            "approval_required": decided.approval_required or None,
+            "parent_lease_id": decided.parent_lease_id,
+            "renewal": decided.renewal or None,
+        }
+        if not self._write(self._clock.now(), "decision", fields) and required and self._refuse:
             raise AuditUnavailable("audit unavailable")
 
     def ahead(self, event: ApprovalChanged) -> None:

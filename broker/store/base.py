@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from broker.domain.errors import CursorTooOld
 from broker.leases.batch import Batch
 from broker.leases.events import Event, Lease
 from broker.leases.feed import new_epoch
@@ -72,6 +73,20 @@ class LeaseStore(Protocol):
         """Bring the local table up to what the store holds now.
 
         Raises:
+            StoreUnavailable: the store cannot be reached.
+        """
+        ...
+
+    @property
+    def keeps_history(self) -> bool:
+        """True when `ended_after` can read lease ends older than the revocation feed's window."""
+        ...
+
+    async def ended_after(self, after: int, until: int, limit: int) -> list[tuple[int, Lease]]:
+        """The lease ends with sequence numbers in (after, until], oldest first, at most `limit`.
+
+        Raises:
+            CursorTooOld: the store no longer holds some of them.
             StoreUnavailable: the store cannot be reached.
         """
         ...
@@ -162,6 +177,13 @@ class MemoryStore:
 
     async def sync(self) -> None:
         return None
+
+    @property
+    def keeps_history(self) -> bool:
+        return False
+
+    async def ended_after(self, after: int, until: int, limit: int) -> list[tuple[int, Lease]]:
+        raise CursorTooOld("resume_after is older than the end events the broker keeps: list leases to resynchronise")
 
     async def rotate_keys(self) -> str:
         return self._minter.rotate(keep_previous_until=None)

@@ -30,7 +30,7 @@ from broker.domain.errors import (
 from broker.domain.identity import AuthKind, Identity
 from broker.domain.intent import Intent
 from broker.leases.table import Lease, TaskState
-from broker.ops.audit import AuditLog
+from broker.ops.audit import AuditLog, Decided
 from broker.policy.engine import Decision, EntityRef, PolicyEngine
 from broker.store.base import LeaseStore
 from broker.tokens.minter import TokenMinter
@@ -100,19 +100,18 @@ class Exchange:
         return await self._issuer.issue(plan)
 
     def _audit_refusal(self, caller: Identity, intent: Intent, error: BrokerError) -> None:
-        self._audit.record(
-            "decision",
+        refused = Decided(
             client_id=caller.principal,
             auth=caller.kind.value,
-            task_id=intent.task_id or None,
-            actions=list(intent.actions),
+            task_id=intent.task_id,
+            actions=intent.actions,
             resource=intent.resource or None,
             audience=intent.audience or None,
-            delegated=intent.delegated or None,
-            decision="deny",
+            delegated=intent.delegated,
+            allowed=False,
             reason=error.reason,
-            policies=[],
         )
+        self._audit.decision(refused, required=False)
 
     async def _plan(self, caller: Identity, intent: Intent) -> Plan:
         now = self._clock.now()
@@ -219,23 +218,22 @@ class Exchange:
     def _decide(self, plan: Plan) -> Decision:
         intent = plan.intent
         decision = self._policy.decide_all(plan.subject, intent.actions, intent.resource, plan.context)
-        # A grant (or a held approval) needs its decision on record first; a refusal goes out regardless.
-        write = self._audit.require if decision.allowed else self._audit.record
-        write(
-            "decision",
+        decided = Decided(
             principal=plan.subject,
             client_id=plan.caller.principal,
             auth=plan.context["auth"],
             task_id=intent.task_id,
-            actions=list(intent.actions),
+            actions=intent.actions,
             resource=intent.resource,
             audience=intent.audience,
-            decision="allow" if decision.allowed else "deny",
-            policies=list(decision.policies),
+            allowed=decision.allowed,
+            policies=decision.policies,
             reason=decision.reason,
-            approval_required=decision.approval_required or None,
+            approval_required=decision.approval_required,
             parent_lease_id=plan.parent.id if plan.parent else None,
         )
+        # A grant (or a held approval) needs its decision on record first; a refusal goes out regardless.
+        self._audit.decision(decided, required=decision.allowed)
         if not decision.allowed:
             raise PolicyDenied(decision.reason, decision.policies)
         return decision

@@ -353,3 +353,70 @@ def test_an_approval_expires_once_whatever_replicas_run(replicas: list[Harness])
     expired = [r for h in replicas for r in _audit(h) if r["kind"] == "approval.expired"]
     assert [r["approval_id"] for r in expired] == [approval_id]
     assert _await(b, approval_id) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.fixture
+def small_windows(material: Material, tmp_path: Path, pg_dsn: str) -> Iterator[list[Harness]]:
+    """Two replicas whose revocation feeds remember only the last 2 lease ends."""
+    clock = FakeClock()
+    started: list[Harness] = []
+    try:
+        for name in ("a", "b"):
+            folder = tmp_path / name
+            folder.mkdir()
+            extra = postgres_store(pg_dsn, name) + "\n[limits]\nwatch_buffer = 2\n"
+            started.append(Harness(broker=RunningBroker(write_config(material, folder, extra=extra), clock),
+                                   material=material))
+        yield started
+    finally:
+        for harness in started:
+            harness.close()
+            harness.broker.stop()
+
+
+def test_a_watcher_resuming_before_the_window_is_served_from_the_log_on_another_replica(
+    small_windows: list[Harness],
+) -> None:
+    a, b = small_windows
+    leases = [a.agent(PLANNER).Exchange(request(task_id=f"w-{i}"), timeout=5).lease_id for i in range(7)]
+    first = _Watch(a)
+    try:
+        a.operator().Revoke(pb.RevokeRequest(lease_id=leases[0]), timeout=5)
+        [seen] = first.wait(1)
+    finally:
+        first.close()
+    for lease_id in leases[1:6]:  # more than the window holds: the first three leave it
+        a.operator().Revoke(pb.RevokeRequest(lease_id=lease_id), timeout=5)
+    resumed = _Watch(b, resume_after=seen.cursor)
+    try:
+        got = resumed.wait(5)
+        a.operator().Revoke(pb.RevokeRequest(lease_id=leases[6]), timeout=5)
+        got = resumed.wait(6)
+    finally:
+        resumed.close()
+    assert [e.lease_id for e in got] == leases[1:7]
+    assert len({e.cursor for e in got}) == 6
+
+
+def test_resuming_before_the_window_on_the_memory_store_is_out_of_range(material: Material, tmp_path: Path) -> None:
+    harness = Harness(
+        broker=RunningBroker(write_config(material, tmp_path, extra="\n[limits]\nwatch_buffer = 1\n"), FakeClock()),
+        material=material,
+    )
+    try:
+        leases = [harness.agent(PLANNER).Exchange(request(task_id=f"m-{i}"), timeout=5).lease_id for i in range(3)]
+        watch = _Watch(harness)
+        harness.operator().Revoke(pb.RevokeRequest(lease_id=leases[0]), timeout=5)
+        [seen] = watch.wait(1)
+        watch.close()
+        for lease_id in leases[1:]:
+            harness.operator().Revoke(pb.RevokeRequest(lease_id=lease_id), timeout=5)
+        call = harness.agent(RESOURCE_SERVER_ID).WatchRevocations(
+            pb.WatchRevocationsRequest(resume_after=seen.cursor), timeout=5
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            next(iter(call))
+        assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    finally:
+        harness.close()
+        harness.broker.stop()
