@@ -32,6 +32,7 @@ from broker.cli.dev import DevPorts, _dev_config, write_dev_setup  # noqa: E402
 from broker.testing.postgres import PostgresServer  # noqa: E402
 
 AUDIENCE = "spiffe://example.org/service/repo"
+DEPLOYER = "spiffe://example.org/service/deployer"
 
 
 def say(text: str) -> None:
@@ -118,6 +119,25 @@ def story(folder: Path, ports: list[dict[str, int]]) -> None:
     event = events[0]
     say(f"watcher on B: {event.lease_id} {event.reason} by {event.initiator} (cursor {event.cursor}, {ms:.0f} ms)")
     call.cancel()
+
+    step("a deploy asked for on A waits on B; an operator approves it through A; B issues it, once")
+    planner_on_b = pb_grpc.CredentialBrokerStub(channel(folder, b, "planner"))
+    held = planner.Exchange(
+        pb.ExchangeRequest(task_id="ship-42", audience=DEPLOYER, actions=["deploy:prod"], resource="service:app",
+                           context={"ticket": "CHG-42"}),
+        timeout=10,
+    )
+    say(f"Exchange on A: {held.state} {held.approval_id}")
+    waiting = planner_on_b.AwaitApproval.future(pb.AwaitApprovalRequest(approval_id=held.approval_id), timeout=30)
+    decided = operator_on_a.Approve(pb.ApproveRequest(approval_id=held.approval_id, note="CHG-42"), timeout=10)
+    say(f"Approve on A: {decided.state} by {decided.decided_by}")
+    issued = waiting.result(timeout=30)
+    say(f"AwaitApproval on B: {issued.state}, lease {issued.lease_id} scope={list(issued.scope)}")
+    try:
+        planner.AwaitApproval(pb.AwaitApprovalRequest(approval_id=held.approval_id), timeout=10)
+        raise SystemExit("an approval was used twice")
+    except grpc.RpcError as e:
+        say(f"AwaitApproval again on A: {e.code().name} ({e.details()})")
 
 
 def main() -> int:

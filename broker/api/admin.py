@@ -91,15 +91,15 @@ class BrokerAdminServicer(pb_grpc.BrokerAdminServicer):
         self, request: pb.ListApprovalsRequest, context: aio.ServicerContext
     ) -> pb.ListApprovalsResponse:
         await self._auth.admin(context)
-        approvals = self._admin.list_approvals(include_decided=request.include_decided)
+        approvals = await self._admin.list_approvals(include_decided=request.include_decided)
         return pb.ListApprovalsResponse(approvals=[convert.approval(a) for a in approvals])
 
     @rpc
     async def Approve(self, request: pb.ApproveRequest, context: aio.ServicerContext) -> pb.Approval:
         operator = await self._auth.admin(context)
-        return convert.approval(self._admin.approve(operator, request.approval_id, _note(request.note)))
+        return convert.approval(await self._admin.approve(operator, request.approval_id, _note(request.note)))
 
     @rpc
     async def Deny(self, request: pb.DenyRequest, context: aio.ServicerContext) -> pb.Approval:
         operator = await self._auth.admin(context)
-        return convert.approval(self._admin.deny(operator, request.approval_id, _note(request.note)))
+        return convert.approval(await self._admin.deny(operator, request.approval_id, _note(request.note)))

@@ -366,14 +366,21 @@ def _wire(
     """The lease table, the use cases and the loops around the built parts, as a `BrokerApp`."""
     # Construction order is subscription order: lease events reach the feed, then the reaper.
     # The audit log and the secret backends read the batches this broker committed, so each
-    # change is audited (and each role dropped) once, by the replica that made it.
+    # change is audited (and each ended lease's role dropped) once, by the replica that made it;
+    # the backends read the table too, to know which roles another replica's leases hold.
     leases = LeaseTable(tombstone_grace=TOMBSTONE_GRACE_SECONDS)
     store = build_store(config, leases, minter=minter, clock=clock)
     store.on_committed(audit.on_event)
     store.on_reload(_peer_reloader(policy, audit))
-    backends = Backends([PostgresBackend(b) for b in config.backends], clock=clock, audit=audit)
+    backends = Backends(
+        [PostgresBackend(b) for b in config.backends],
+        clock=clock,
+        audit=audit,
+        leases=store,
+        clock_skew=config.tokens.clock_skew,
+    )
     store.on_committed(backends.on_event)
-    approvals = ApprovalStore()
+    approvals = leases.approvals
     settings = _settings(config)
     issuer = Issuer(store=store, minter=minter, audit=audit, clock=clock, settings=settings, backends=backends)
     exchange = Exchange(
@@ -381,7 +388,6 @@ def _wire(
         policy=policy,
         store=store,
         minter=minter,
-        approvals=approvals,
         issuer=issuer,
         audit=audit,
         clock=clock,
@@ -398,9 +404,7 @@ def _wire(
         settings=settings,
         backends=backends,
     )
-    admin = Admin(
-        store=store, policy=policy, approvals=approvals, minter=minter, audit=audit, clock=clock, backends=backends
-    )
+    admin = Admin(store=store, policy=policy, minter=minter, audit=audit, clock=clock, backends=backends)
     return BrokerApp(
         config=config,
         clock=clock,
@@ -418,8 +422,9 @@ def _wire(
             window=config.limits.watch_buffer,
             max_streams_per_watcher=config.limits.max_streams_per_watcher,
             epoch=store.epoch,
+            history=store.ended_after if store.keeps_history else None,
         ),
-        reaper=Reaper(store=store, approvals=approvals, minter=minter, clock=clock),
+        reaper=Reaper(store=store, minter=minter, clock=clock),
         verifiers=verifiers,
         limiter=RateLimiter(rate=config.limits.rate_per_second, burst=config.limits.rate_burst),
         backends=backends,

@@ -1,4 +1,4 @@
-"""Human approvals: pending requests, operator decisions and their expiry.
+"""Human approvals: the approval records, the events that change them, and the rules for each change.
 
-May import `broker.domain` only; no gRPC.
+May import `broker.domain` only; no gRPC. The lease table holds the approvals its log built.
 """

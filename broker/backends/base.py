@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
+from broker.leases.table import LeaseTable
+
 
 @dataclass(frozen=True, slots=True)
 class Secret:
@@ -34,7 +36,7 @@ class Backend(Protocol):
 
     Every method that talks to the system raises `BackendUnavailable` (with a short reason that
     names the backend and never holds a password) when it cannot; `revoke` is idempotent: a
-    role that is already gone counts as revoked.
+    role that is already gone (dropped by another replica) counts as revoked, and it says so.
     """
 
     name: str
@@ -59,21 +61,38 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    async def provision(self, role: str, groups: tuple[str, ...], expires_at: float) -> Secret:
-        """Create the login `role` in `groups`, valid until `expires_at`, all or nothing."""
+    async def provision(self, role: str, groups: tuple[str, ...], expires_at: float, *, created_at: float) -> Secret:
+        """Create the login `role` in `groups`, valid until `expires_at`, all or nothing; the
+        role carries `created_at` (the broker's clock) for reconciliation to read back."""
         ...
 
     async def renew(self, role: str, expires_at: float) -> None:
         """Move the role's own expiry to `expires_at`."""
         ...
 
-    async def revoke(self, role: str) -> None:
-        """Disable the role, end its sessions, drop it (and what it owns)."""
+    async def revoke(self, role: str) -> bool:
+        """Disable the role, end its sessions, drop it (and what it owns); False when it was already gone."""
         ...
 
-    async def roles(self) -> set[str]:
-        """Every role this backend created that still exists."""
+    async def roles(self) -> dict[str, float]:
+        """Every role this backend created that still exists, with its `created_at` (0 when it
+        carries none: made by an older broker)."""
         ...
+
+
+class Leases(Protocol):
+    """What the backends read of the lease store (`broker.store`'s stores are such).
+
+    `durable` is true when leases outlive this process (a shared store): then a stopping broker
+    leaves the roles of live leases alone, and another replica may be making a role right now.
+    `sync` is the store's read barrier: afterwards `table` holds every lease any replica had
+    committed when it was called.
+    """
+
+    table: LeaseTable
+    durable: bool
+
+    async def sync(self) -> None: ...
 
 
 def frozen(fields: Mapping[str, str]) -> Mapping[str, str]:

@@ -5,7 +5,8 @@ parameters, or as `sql.Literal` where PostgreSQL takes no parameter (CREATE/ALTE
 password never reaches the server: the broker computes its SCRAM-SHA-256 verifier (in a worker
 thread: PBKDF2 releases the interpreter lock, the event loop does not wait), and the verifier is
 what `CREATE ROLE ... PASSWORD` stores. Each role carries a comment naming its
-backend, so reconciliation only ever drops roles this backend made.
+backend and its creation time, so reconciliation only ever drops roles this backend made, and
+none that another replica may still be granting a lease for.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,13 +53,25 @@ _REASSIGN = sql.SQL("REASSIGN OWNED BY {role} TO CURRENT_USER")
 _DROP_OWNED = sql.SQL("DROP OWNED BY {role}")
 _DROP = sql.SQL("DROP ROLE IF EXISTS {role}")
 _EXISTS = "SELECT 1 FROM pg_roles WHERE rolname = %s"
+# The comment is the marker, then "; created <unix seconds>" (a broker before that wrote the marker alone).
+_CREATED = "; created "
 _MANAGED = (
-    "SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s) AND shobj_description(oid, 'pg_authid') = %s"
+    "SELECT rolname, shobj_description(oid, 'pg_authid') FROM pg_roles WHERE starts_with(rolname, %s)"
+    " AND (shobj_description(oid, 'pg_authid') = %s OR starts_with(shobj_description(oid, 'pg_authid'), %s))"
 )
 
 
 def _until(expires_at: float) -> sql.Literal:
     return sql.Literal(datetime.fromtimestamp(expires_at, tz=UTC).isoformat())
+
+
+def creation_time(comment: str, marker: str) -> float:
+    """The creation time a role's comment carries after `marker`; 0 when it carries none."""
+    try:
+        at = float(comment.removeprefix(marker + _CREATED)) if comment.startswith(marker + _CREATED) else 0.0
+    except ValueError:
+        return 0.0
+    return at if math.isfinite(at) else 0.0
 
 
 def scram_verifier(password: str, *, iterations: int = SCRAM_ITERATIONS, salt: bytes | None = None) -> str:
@@ -214,7 +228,7 @@ class PostgresBackend:
 
     # ---- the operations ----
 
-    async def provision(self, role: str, groups: tuple[str, ...], expires_at: float) -> Secret:
+    async def provision(self, role: str, groups: tuple[str, ...], expires_at: float, *, created_at: float) -> Secret:
         password = secrets.token_urlsafe(24)
         verifier = await asyncio.to_thread(scram_verifier, password)
         ident = sql.Identifier(role)
@@ -230,28 +244,34 @@ class PostgresBackend:
             if groups:
                 members = sql.SQL(", ").join(sql.Identifier(group) for group in groups)
                 await conn.execute(_GRANT.format(groups=members, role=ident))
-            await conn.execute(_COMMENT.format(role=ident, marker=sql.Literal(self._marker)))
+            comment = f"{self._marker}{_CREATED}{created_at!r}"  # repr: read back exactly
+            await conn.execute(_COMMENT.format(role=ident, marker=sql.Literal(comment)))
         return self._secret(role, expires_at, password=password)
 
     async def renew(self, role: str, expires_at: float) -> None:
         async with self._connection() as conn:
             await conn.execute(_VALID_UNTIL.format(role=sql.Identifier(role), until=_until(expires_at)))
 
-    async def revoke(self, role: str) -> None:
+    async def revoke(self, role: str) -> bool:
         ident = sql.Identifier(role)
         async with self._connection() as conn:
             if await (await conn.execute(_EXISTS, [role])).fetchone() is None:
-                return
-            # Disabled first and on its own, so no new session starts while the old ones are ended.
-            await conn.execute(_NOLOGIN.format(role=ident))
-            await conn.execute(_TERMINATE, [TERMINATE_WAIT_MS, role])
-            async with conn.transaction():
-                # Whatever the role created is kept, owned by the admin, so the drop cannot fail on it.
-                await conn.execute(_REASSIGN.format(role=ident))
-                await conn.execute(_DROP_OWNED.format(role=ident))
-                await conn.execute(_DROP.format(role=ident))
+                return False
+            try:
+                # Disabled first and on its own, so no new session starts while the old ones are ended.
+                await conn.execute(_NOLOGIN.format(role=ident))
+                await conn.execute(_TERMINATE, [TERMINATE_WAIT_MS, role])
+                async with conn.transaction():
+                    # Whatever the role created is kept, owned by the admin, so the drop cannot fail on it.
+                    await conn.execute(_REASSIGN.format(role=ident))
+                    await conn.execute(_DROP_OWNED.format(role=ident))
+                    await conn.execute(_DROP.format(role=ident))
+            except psycopg.errors.UndefinedObject:
+                return False  # dropped meanwhile, by another replica: not this one's change
+        return True
 
-    async def roles(self) -> set[str]:
+    async def roles(self) -> dict[str, float]:
+        params = [self._config.role_prefix, self._marker, self._marker + _CREATED]
         async with self._connection() as conn:
-            rows = await (await conn.execute(_MANAGED, [self._config.role_prefix, self._marker])).fetchall()
-        return {row[0] for row in rows}
+            rows = await (await conn.execute(_MANAGED, params)).fetchall()
+        return {name: creation_time(comment or "", self._marker) for name, comment in rows}

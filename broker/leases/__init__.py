@@ -1,4 +1,4 @@
-"""Lease and task state: events, the table they build, its indexes and the revocation feed.
+"""Lease, task and approval state: events, the table they build, its indexes and the revocation feed.
 
-May import `broker.domain` only; no gRPC.
+May import `broker.domain` and `broker.approvals` only; no gRPC.
 """

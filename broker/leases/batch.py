@@ -20,7 +20,17 @@ from dataclasses import replace
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
-from broker.domain.errors import InvalidTransition, LeaseInactive, LeaseNotFound, TaskConflict, TaskNotFound
+from broker.approvals import store as approvals
+from broker.approvals.store import Approval, ApprovalChanged, ApprovalState
+from broker.domain.errors import (
+    InvalidTransition,
+    LeaseInactive,
+    LeaseNotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    TaskConflict,
+    TaskNotFound,
+)
 from broker.leases.events import (
     BROKER_INITIATOR,
     Event,
@@ -53,6 +63,8 @@ class Batch:
         self._leases: dict[str, Lease] = {}
         self._tasks: dict[str, Task] = {}
         self._popped: list[tuple[float, int, str]] = []
+        self._approvals: dict[str, Approval] = {}
+        self._popped_approvals: list[tuple[float, str]] = []
 
     # -- reading through the overlay
 
@@ -94,6 +106,8 @@ class Batch:
                 self._leases[lease_id] = replace(current, expires_at=expires_at, token_exp=token_exp)
             case TaskOpened(task=task) | TaskClosed(task=task):
                 self._tasks[task.id] = task
+            case ApprovalChanged(approval=approval):
+                self._approvals[approval.id] = approval
 
     # -- tasks
 
@@ -257,6 +271,81 @@ class Batch:
         self._add(LeaseEnded(ended, now))
         return ended
 
+    # -- approvals
+
+    def approval(self, approval_id: str) -> Approval | None:
+        """The approval as it would be after this batch so far."""
+        found = self._approvals.get(approval_id)
+        return found if found is not None else self._t.approvals.get(approval_id)
+
+    def request_approval(self, approval: Approval, *, now: float, max_pending: int) -> Approval:
+        """Record a new pending approval, unless its caller already waits on `max_pending`.
+
+        Raises:
+            QuotaExceeded: the caller waits on `max_pending` approvals already.
+            InvalidTransition: the id is taken, or the approval is not pending.
+        """
+        if self.approval(approval.id) is not None or approval.state is not ApprovalState.PENDING:
+            raise InvalidTransition("a new approval needs a fresh id and must be pending")
+        planned = [a for a in self._approvals.values() if a.client_id == approval.client_id]
+        waiting = self._t.approvals.pending_count(approval.client_id) + sum(
+            1 for a in planned if a.state is ApprovalState.PENDING
+        )
+        if waiting >= max_pending:
+            raise QuotaExceeded(f"already waiting on {max_pending} approvals")
+        self._add(ApprovalChanged(approval, approvals.Change.REQUESTED, now))
+        return approval
+
+    def decide_approval(self, approval_id: str, *, approve: bool, by: str, note: str, now: float) -> Approval:
+        """Approve or deny a pending approval; nobody decides their own request.
+
+        Raises:
+            ApprovalNotFound, ApprovalExpired, ApprovalNotPending: not a pending approval.
+            PermissionDenied: `by` asked for it (as principal or client).
+        """
+        found = self.approval(approval_id)
+        if approve and found is not None and by in (found.principal, found.client_id):
+            raise PermissionDenied("an operator cannot approve their own request")
+        pending = approvals.check(found, ApprovalState.PENDING, now, before="a decision")
+        event = approvals.decided(pending, approve=approve, by=by, note=note, now=now)
+        self._add(event)
+        return event.approval
+
+    def use_approval(self, approval_id: str, *, lease_id: str, now: float) -> Approval:
+        """Mark an approved approval used by the grant of `lease_id`: once, in all replicas.
+
+        Raises:
+            ApprovalNotFound, ApprovalExpired, ApprovalNotPending: not approved, or used already.
+        """
+        usable = approvals.check(self.approval(approval_id), ApprovalState.APPROVED, now, before="it was used")
+        event = approvals.used(usable, lease_id=lease_id, now=now)
+        self._add(event)
+        return event.approval
+
+    def release_approval(self, approval_id: str, *, now: float) -> None:
+        """Give back a used approval whose token never left (its record could not be written)."""
+        found = self.approval(approval_id)
+        if found is not None and found.state is ApprovalState.USED:
+            self._add(approvals.released(found, now=now))
+
+    def _expire_approvals(self, now: float, budget: float) -> int:
+        heap = self._t.approvals.heap
+        handled = 0
+        while heap and heap[0][0] <= now and handled < budget:
+            handled += 1
+            entry = heapq.heappop(heap)
+            self._popped_approvals.append(entry)
+            when, approval_id = entry
+            found = self.approval(approval_id)
+            if found is None:
+                continue
+            if approvals.is_live(found):
+                if found.expires_at <= now:
+                    self._add(approvals.expired(found, now=now))
+            else:
+                self._t.approvals.forget(approval_id, when)
+        return handled
+
     # -- time
 
     def expire_due(self, now: float, *, limit: int | None = None) -> list[Lease]:
@@ -283,18 +372,22 @@ class Batch:
                 self._t.purge_task(key, when)
             else:
                 self._t.purge_lease(key, when)
+        self._expire_approvals(now, budget)
         return changed
 
     @property
     def handled(self) -> int:
-        """How many heap entries `expire_due` has taken."""
-        return len(self._popped)
+        """How many heap entries (leases' and approvals') `expire_due` has taken."""
+        return len(self._popped) + len(self._popped_approvals)
 
     def restore(self) -> None:
         """Put back the heap entries this batch took: it was not appended, so they are still due."""
         for entry in self._popped:
             heapq.heappush(self._t.heap, entry)
         self._popped.clear()
+        for approval_entry in self._popped_approvals:
+            heapq.heappush(self._t.approvals.heap, approval_entry)
+        self._popped_approvals.clear()
 
     def _expire_lease(self, lease_id: str, when: float, now: float) -> list[Lease]:
         lease = self.lease(lease_id)

@@ -13,6 +13,8 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
+from broker.approvals.store import ApprovalChanged
+
 BROKER_INITIATOR = "broker"
 """The initiator recorded on changes the broker makes by itself (expiry)."""
 
@@ -185,4 +187,4 @@ class TaskClosed:
     at: float
 
 
-Event = TaskOpened | LeaseGranted | LeaseRenewed | LeaseEnded | TaskClosed
+Event = TaskOpened | LeaseGranted | LeaseRenewed | LeaseEnded | TaskClosed | ApprovalChanged

@@ -6,7 +6,8 @@ revocations costs one window entry per lease, not one buffer entry per watcher: 
 keeps reading gets the whole burst. A watcher is cut off only when it really falls behind, that
 is when events it has not read yet have left the window. A watcher that reconnects resumes after
 the cursor of the last event it read, and gets exactly what it missed while the window still
-holds it.
+holds it; with a store that keeps its log (`history`, the PostgreSQL store), also what is older
+than the window, read from the log in pages until the window takes over.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import secrets
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from broker.domain.errors import CursorTooOld, InvalidRequest, QuotaExceeded, WatcherTooSlow
 from broker.leases.table import Lease, LeaseEnded, LeaseTable
@@ -22,6 +25,10 @@ from broker.leases.table import Lease, LeaseEnded, LeaseTable
 DEFAULT_WINDOW = 65536
 # Open streams one watcher principal may hold at once (`limits.max_streams_per_watcher`).
 DEFAULT_STREAMS_PER_WATCHER = 8
+# End events read from the store's log per page, for a watcher resuming before the window.
+HISTORY_PAGE = 1000
+# (after, until, limit) -> the lease ends with sequence numbers in (after, until], oldest first.
+History = Callable[[int, int, int], Awaitable[list[tuple[int, Lease]]]]
 
 
 @dataclass(eq=False, slots=True)
@@ -32,6 +39,9 @@ class Subscription:
     watcher: str = ""
     position: int = 0
     closed: bool = False
+    # Resuming before the window: what was read from the log so far, and up to where.
+    backlog: deque[tuple[int, Lease]] = field(default_factory=deque)
+    read_to: int | None = None
 
 
 def new_epoch() -> str:
@@ -52,12 +62,14 @@ class RevocationFeed:
         window: int = DEFAULT_WINDOW,
         max_streams_per_watcher: int = DEFAULT_STREAMS_PER_WATCHER,
         epoch: str | None = None,
+        history: History | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("the window must hold at least one event")
         self._leases = leases
         self._window = window
         self._max_streams = max_streams_per_watcher
+        self._history = history
         self.epoch = epoch or new_epoch()
         self._subs: set[Subscription] = set()
         # Parallel lists from `_head` on; compacted when the dead prefix is as long as the window.
@@ -103,20 +115,23 @@ class RevocationFeed:
 
         Raises:
             QuotaExceeded: `watcher` already holds `max_streams_per_watcher` streams.
-            CursorTooOld: events after `resume_after` have already left the window.
+            CursorTooOld: events after `resume_after` have already left the window, and the store
+                keeps no log to read them from (the memory store).
         """
         if watcher and sum(1 for s in self._subs if s.watcher == watcher) >= self._max_streams:
             raise QuotaExceeded(f"at most {self._max_streams} open revocation streams per watcher")
+        read_to = None
         if resume_after is None:
             position = self._leases.seq
-        elif resume_after < self._floor:
+        elif resume_after < self._floor and self._history is None:
             raise CursorTooOld(
                 f"resume_after is older than the {self._window} most recent end events the broker keeps: "
                 "list leases to resynchronise"
             )
         else:
             position = resume_after
-        sub = Subscription(audience=audience, watcher=watcher, position=position)
+            read_to = resume_after if resume_after < self._floor else None
+        sub = Subscription(audience=audience, watcher=watcher, position=position, read_to=read_to)
         self._subs.add(sub)
         return sub
 
@@ -159,13 +174,34 @@ class RevocationFeed:
         sub.position = self._leases.seq  # nothing for it up to here
         return None
 
+    async def _older(self, sub: Subscription) -> tuple[int, Lease] | None:
+        # Pages of the log until the window holds everything after what was read; None then.
+        assert self._history is not None and sub.read_to is not None
+        while not sub.backlog:
+            start, until = sub.read_to, self._floor
+            if start >= until:
+                sub.position, sub.read_to = max(sub.position, start), None
+                return None
+            page = await self._history(start, until, HISTORY_PAGE)
+            sub.read_to = page[-1][0] if len(page) >= HISTORY_PAGE else until
+            sub.backlog.extend(e for e in page if sub.audience is None or e[1].audience == sub.audience)
+        return sub.backlog.popleft()
+
     async def next(self, sub: Subscription) -> tuple[int, Lease]:
         """The next ended lease for `sub` and its sequence number; waits for one.
 
         Raises:
             WatcherTooSlow: events the subscriber had not read left the window; it is cut off.
+            CursorTooOld: resuming before the window, the log no longer holds what followed.
+            StoreUnavailable: resuming before the window, the store's log cannot be read.
         """
         while not sub.closed:
+            if sub.read_to is not None:
+                older = await self._older(sub)
+                if older is not None:
+                    sub.position = older[0]
+                    return older
+                continue
             found = self._pending(sub)
             if found is not None:
                 sub.position = found[0]

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TypeVar
 
+from broker.approvals.store import ApprovalChanged, ApprovalStore
 from broker.leases.batch import Batch
 from broker.leases.events import (
     BROKER_INITIATOR,
@@ -81,6 +82,7 @@ class LeaseTable(LeaseIndex):
         self._grace = tombstone_grace
         self._seq = 0
         self._subscribers: tuple[tuple[object, Subscriber], ...] = ()
+        self.approvals = ApprovalStore()
 
     @property
     def seq(self) -> int:
@@ -155,6 +157,8 @@ class LeaseTable(LeaseIndex):
                     self._tasks[task.id] = task
                     # Past its deadline (and the grace, during which callers are told why), the id is free again.
                     heapq.heappush(self._heap, (task.deadline + self._grace, TASK_PURGE, task.id))
+            case ApprovalChanged():
+                self.approvals.apply(event)
             case _:
                 raise TypeError(f"not a lease table event: {type(event).__name__}")
 
@@ -238,6 +242,15 @@ class LeaseTable(LeaseIndex):
             if budget is not None:
                 budget -= batch.handled
         return changed
+
+    def has_due(self, now: float) -> bool:
+        """True when some lease, task or approval entry is due at `now` (possibly a stale one)."""
+        return super().has_due(now) or self.approvals.has_due(now)
+
+    def next_deadline(self) -> float | None:
+        """The earliest pending lease, task or approval time, or None; it may be a stale entry."""
+        times = [t for t in (super().next_deadline(), self.approvals.next_deadline()) if t is not None]
+        return min(times) if times else None
 
     def purge_task(self, task_id: str, when: float) -> None:
         """Forget a closed task whose purge entry (deadline + grace) is `when`."""

@@ -15,11 +15,13 @@ import re
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
 
+from broker.approvals.store import ApprovalChanged, Change
 from broker.domain.clock import Clock
 from broker.domain.errors import AuditUnavailable
 from broker.jose.jws import token_hash
@@ -138,6 +140,31 @@ def _field_value(name: str, value: Any) -> Any:
 ON_FAILURE = ("refuse", "continue")
 
 
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """One decision on a request, as the `decision` record says it; made and recorded by one replica.
+
+    A decision changes no shared state, so it is no event in the store's log: the use case that
+    decided hands this value to `AuditLog.decision`, the one place that writes it.
+    """
+
+    client_id: str
+    actions: tuple[str, ...]
+    allowed: bool
+    reason: str
+    policies: tuple[str, ...] = ()
+    principal: str | None = None
+    auth: str | None = None
+    task_id: str | None = None
+    resource: str | None = None
+    audience: str | None = None
+    delegated: bool = False
+    approval_required: bool = False
+    parent_lease_id: str | None = None
+    lease_id: str | None = None
+    renewal: bool = False
+
+
 class AuditLog:
     """Writes audit records as JSON lines to a text sink, flushed per record.
 
@@ -195,8 +222,50 @@ class AuditLog:
         if not self._write(self._clock.now(), kind, fields) and self._refuse:
             raise AuditUnavailable("audit unavailable")
 
+    def decision(self, decided: Decided, *, required: bool) -> None:
+        """Record a decision; `required` when a grant depends on it (refused in "refuse" mode then).
+
+        Raises:
+            AuditUnavailable: `required`, the write failed and `on_failure` is "refuse".
+        """
+        fields = {
+            "principal": decided.principal,
+            "client_id": decided.client_id,
+            "auth": decided.auth,
+            "lease_id": decided.lease_id,
+            "task_id": decided.task_id or None,
+            "actions": list(decided.actions),
+            "resource": decided.resource,
+            "audience": decided.audience,
+            "delegated": decided.delegated or None,
+            "decision": "allow" if decided.allowed else "deny",
+            "policies": list(decided.policies),
+            "reason": decided.reason,
+            "approval_required": decided.approval_required or None,
+            "parent_lease_id": decided.parent_lease_id,
+            "renewal": decided.renewal or None,
+        }
+        if not self._write(self._clock.now(), "decision", fields) and required and self._refuse:
+            raise AuditUnavailable("audit unavailable")
+
+    def ahead(self, event: ApprovalChanged) -> None:
+        """Record an operator's decision before it commits: refused (in "refuse" mode) when it cannot be.
+
+        Called from inside the decision's batch, so an approval never takes effect unrecorded;
+        `on_event` then skips it. A commit that fails after this leaves the record of a decision
+        that did not take effect (the operator was answered UNAVAILABLE).
+
+        Raises:
+            AuditUnavailable: the write failed and `on_failure` is "refuse".
+        """
+        kind, fields = _event_record(event) or ("approval", {})
+        if not self._write(event.at, kind, fields) and self._refuse and event.change is Change.APPROVED:
+            raise AuditUnavailable("audit unavailable")
+
     def on_event(self, event: Event) -> None:
-        """LeaseTable subscriber: one record per event, stamped with the event's own time."""
+        """Committed-batch reader: one record per event, stamped with the event's own time."""
+        if isinstance(event, ApprovalChanged) and event.change in AHEAD:
+            return  # written by `ahead`, before the decision committed
         record = _event_record(event)
         if record is None:
             # never raise into the table's publish loop: the other subscribers still run
@@ -258,8 +327,37 @@ def _lease_fields(event: LeaseGranted | LeaseEnded) -> dict[str, Any]:
     }
 
 
+# Operators' decisions are recorded before they commit (`AuditLog.ahead`); every other change after.
+AHEAD = frozenset({Change.APPROVED, Change.DENIED})
+
+
+def _approval_fields(event: ApprovalChanged) -> dict[str, Any]:
+    approval = event.approval
+    fields: dict[str, Any] = {
+        "approval_id": approval.id,
+        "principal": approval.principal,
+        "client_id": approval.client_id,
+        "task_id": approval.task_id,
+    }
+    match event.change:
+        case Change.REQUESTED:
+            fields.update(
+                actions=list(approval.actions),
+                resource=approval.resource,
+                audience=approval.audience,
+                policies=list(approval.policies),
+            )
+        case Change.APPROVED | Change.DENIED:
+            fields.update(operator=approval.decided_by, note=approval.note or None)
+        case Change.USED | Change.RELEASED:
+            fields.update(lease_id=approval.lease_id or None, approved_by=approval.decided_by)
+    return fields
+
+
 def _event_record(event: Event) -> tuple[str, dict[str, Any]] | None:
     match event:
+        case ApprovalChanged(change=change):
+            return f"approval.{change.value}", _approval_fields(event)
         case LeaseGranted():
             return "lease.granted", {**_lease_fields(event), "issued_at": event.lease.issued_at}
         case LeaseRenewed(lease_id=lease_id, expires_at=expires_at, token_exp=token_exp):

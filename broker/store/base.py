@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from broker.domain.errors import CursorTooOld
 from broker.leases.batch import Batch
 from broker.leases.events import Event, Lease
 from broker.leases.feed import new_epoch
@@ -43,6 +44,8 @@ class LeaseStore(Protocol):
     table: LeaseTable
     epoch: str
     replica_id: str
+    # True when leases outlive this process (other replicas serve them after it stops).
+    durable: bool
 
     @property
     def healthy(self) -> bool:
@@ -74,6 +77,20 @@ class LeaseStore(Protocol):
         """
         ...
 
+    @property
+    def keeps_history(self) -> bool:
+        """True when `ended_after` can read lease ends older than the revocation feed's window."""
+        ...
+
+    async def ended_after(self, after: int, until: int, limit: int) -> list[tuple[int, Lease]]:
+        """The lease ends with sequence numbers in (after, until], oldest first, at most `limit`.
+
+        Raises:
+            CursorTooOld: the store no longer holds some of them.
+            StoreUnavailable: the store cannot be reached.
+        """
+        ...
+
     async def rotate_keys(self) -> str:
         """Replace every replica's signing key (Revoke all); returns this replica's new kid."""
         ...
@@ -101,6 +118,8 @@ class LeaseStore(Protocol):
 
 class MemoryStore:
     """A single broker's store: the table is the truth; nothing awaits, so a command is atomic."""
+
+    durable = False
 
     def __init__(self, table: LeaseTable, *, minter: TokenMinter, replica_id: str = "memory") -> None:
         self.table = table
@@ -158,6 +177,13 @@ class MemoryStore:
 
     async def sync(self) -> None:
         return None
+
+    @property
+    def keeps_history(self) -> bool:
+        return False
+
+    async def ended_after(self, after: int, until: int, limit: int) -> list[tuple[int, Lease]]:
+        raise CursorTooOld("resume_after is older than the end events the broker keeps: list leases to resynchronise")
 
     async def rotate_keys(self) -> str:
         return self._minter.rotate(keep_previous_until=None)

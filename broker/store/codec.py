@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
+from broker.approvals.store import Approval, ApprovalChanged, ApprovalState, Change
 from broker.leases.events import (
     Event,
     Lease,
@@ -81,6 +82,18 @@ def _task(doc: Mapping[str, Any]) -> Task:
     return Task(**values)
 
 
+def _approval_doc(approval: Approval) -> dict[str, Any]:
+    return {f.name: _plain(getattr(approval, f.name)) for f in fields(Approval)}
+
+
+def _approval(doc: Mapping[str, Any]) -> Approval:
+    values = {f.name: doc[f.name] for f in fields(Approval)}
+    values["actions"], values["policies"] = tuple(values["actions"]), tuple(values["policies"])
+    values["state"] = ApprovalState(values["state"])
+    values["request"] = _revive(values["request"])
+    return Approval(**values)
+
+
 def encode(event: Event) -> tuple[str, str]:
     """`(kind, json)` for one event.
 
@@ -94,6 +107,8 @@ def encode(event: Event) -> tuple[str, str]:
             body = {f.name: getattr(event, f.name) for f in fields(LeaseRenewed)}
         case TaskOpened(task=task, at=at) | TaskClosed(task=task, at=at):
             body = {"task": _task_doc(task), "at": at}
+        case ApprovalChanged(approval=approval, change=change, at=at):
+            body = {"approval": _approval_doc(approval), "change": change.value, "at": at}
         case _:
             raise TypeError(f"not a lease table event: {type(event).__name__}")
     return type(event).__name__, json.dumps(body, separators=(",", ":"), allow_nan=False)
@@ -114,6 +129,8 @@ def decode(kind: str, body: Mapping[str, Any]) -> Event:
         if kind in ("TaskOpened", "TaskClosed"):
             cls2 = TaskOpened if kind == "TaskOpened" else TaskClosed
             return cls2(task=_task(body["task"]), at=float(body["at"]))
+        if kind == "ApprovalChanged":
+            return ApprovalChanged(_approval(body["approval"]), Change(body["change"]), float(body["at"]))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"event {kind}: {e}") from e
     raise ValueError(f"unknown event kind {kind!r}")

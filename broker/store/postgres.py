@@ -32,9 +32,9 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from broker.domain.clock import Clock
-from broker.domain.errors import BrokerError, StoreUnavailable
+from broker.domain.errors import BrokerError, CursorTooOld, StoreUnavailable
 from broker.leases.batch import Batch
-from broker.leases.events import Event, Lease
+from broker.leases.events import Event, Lease, LeaseEnded
 from broker.leases.table import LeaseTable
 from broker.store.base import Committed, HealthListener, Reloader, ReplicaReload
 from broker.store.codec import decode, encode
@@ -68,6 +68,8 @@ _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSE
 
 class PostgresStore:
     """A replica's view of the shared store; `table` is its local copy of the log's state."""
+
+    durable = True
 
     def __init__(
         self,
@@ -296,6 +298,39 @@ class PostgresStore:
             if len(rows) < READ_BATCH:
                 return
 
+    @property
+    def keeps_history(self) -> bool:
+        return True
+
+    async def ended_after(self, after: int, until: int, limit: int) -> list[tuple[int, Lease]]:
+        """Lease ends in (after, until] from the log, for a watcher resuming before the feed's window.
+
+        Raises:
+            CursorTooOld: housekeeping has deleted events after `after`.
+            StoreUnavailable: PostgreSQL cannot be reached.
+        """
+        try:
+            async with self._connection() as conn:
+                cur = await conn.execute(
+                    "SELECT seq, body FROM broker_events WHERE kind = 'LeaseEnded' AND seq > %s AND seq <= %s"
+                    " ORDER BY seq LIMIT %s",
+                    (after, until, limit),
+                )
+                rows = await cur.fetchall()
+                # Read after the rows: a deletion that raced the read shows here, never as a silent gap.
+                cur = await conn.execute("SELECT value FROM broker_meta WHERE name = 'pruned_through'")
+                pruned = await cur.fetchone()
+        except _DB_ERRORS as e:
+            raise self._unavailable(e) from e
+        if pruned is not None and after < int(pruned[0]):
+            raise CursorTooOld("resume_after is older than the events the store keeps: list leases to resynchronise")
+        ended: list[tuple[int, Lease]] = []
+        for seq, text in rows:
+            event = decode("LeaseEnded", json.loads(text))
+            assert isinstance(event, LeaseEnded)
+            ended.append((int(seq), event.lease))
+        return ended
+
     def _apply_rows(self, rows: list[tuple[int, str, Any]]) -> None:
         # No await in here: rows are applied in seq order, each once, whoever fetched them.
         for seq, kind, text in rows:
@@ -465,8 +500,15 @@ class PostgresStore:
         )
         await conn.execute("DELETE FROM broker_keys WHERE alive_at < %s", (now - self._key_lifetime,))
         # Events older than any task's life plus the tombstone grace describe only forgotten state.
+        # One statement deletes them and records how far the log now starts, for resuming watchers.
         await conn.execute(
-            "DELETE FROM broker_events WHERE committed_at < now() - make_interval(secs => %s)", (self._retention,)
+            "WITH gone AS (DELETE FROM broker_events WHERE committed_at < now() - make_interval(secs => %s)"
+            " RETURNING seq)"
+            " INSERT INTO broker_meta (name, value) SELECT 'pruned_through', max(seq)::text FROM gone"
+            " HAVING max(seq) IS NOT NULL"
+            " ON CONFLICT (name) DO UPDATE"
+            " SET value = GREATEST(broker_meta.value::bigint, EXCLUDED.value::bigint)::text",
+            (self._retention,),
         )
         await self._load_keys()
 

@@ -11,7 +11,7 @@ import asyncio
 import secrets
 from dataclasses import replace
 
-from broker.approvals.store import Approval, ApprovalState, ApprovalStore
+from broker.approvals.store import Approval, ApprovalState, check
 from broker.backends.manager import Backends
 from broker.domain.clock import Clock
 from broker.domain.errors import (
@@ -30,11 +30,12 @@ from broker.domain.errors import (
 from broker.domain.identity import AuthKind, Identity
 from broker.domain.intent import Intent
 from broker.leases.table import Lease, TaskState
-from broker.ops.audit import AuditLog
+from broker.ops.audit import AuditLog, Decided
 from broker.policy.engine import Decision, EntityRef, PolicyEngine
 from broker.store.base import LeaseStore
 from broker.tokens.minter import TokenMinter
 from broker.usecases.issuance import PENDING_APPROVAL, UNDECIDED, Issued, Issuer, Plan, Settings
+from broker.usecases.plans import plan_data, plan_from
 from broker.verify import Verifiers
 
 
@@ -48,7 +49,6 @@ class Exchange:
         policy: PolicyEngine,
         store: LeaseStore,
         minter: TokenMinter,
-        approvals: ApprovalStore,
         issuer: Issuer,
         audit: AuditLog,
         clock: Clock,
@@ -62,7 +62,7 @@ class Exchange:
         self._store = store
         self._leases = store.table
         self._minter = minter
-        self._approvals = approvals
+        self._approvals = approvals = store.table.approvals
         self._audit = audit
         self._clock = clock
         self._settings = settings
@@ -96,23 +96,22 @@ class Exchange:
         decision = self._decide(plan)
         plan = replace(plan, decision=decision)
         if decision.approval_required:
-            return self._hold_for_approval(plan)
+            return await self._hold_for_approval(plan)
         return await self._issuer.issue(plan)
 
     def _audit_refusal(self, caller: Identity, intent: Intent, error: BrokerError) -> None:
-        self._audit.record(
-            "decision",
+        refused = Decided(
             client_id=caller.principal,
             auth=caller.kind.value,
-            task_id=intent.task_id or None,
-            actions=list(intent.actions),
+            task_id=intent.task_id,
+            actions=intent.actions,
             resource=intent.resource or None,
             audience=intent.audience or None,
-            delegated=intent.delegated or None,
-            decision="deny",
+            delegated=intent.delegated,
+            allowed=False,
             reason=error.reason,
-            policies=[],
         )
+        self._audit.decision(refused, required=False)
 
     async def _plan(self, caller: Identity, intent: Intent) -> Plan:
         now = self._clock.now()
@@ -219,60 +218,46 @@ class Exchange:
     def _decide(self, plan: Plan) -> Decision:
         intent = plan.intent
         decision = self._policy.decide_all(plan.subject, intent.actions, intent.resource, plan.context)
-        # A grant (or a held approval) needs its decision on record first; a refusal goes out regardless.
-        write = self._audit.require if decision.allowed else self._audit.record
-        write(
-            "decision",
+        decided = Decided(
             principal=plan.subject,
             client_id=plan.caller.principal,
             auth=plan.context["auth"],
             task_id=intent.task_id,
-            actions=list(intent.actions),
+            actions=intent.actions,
             resource=intent.resource,
             audience=intent.audience,
-            decision="allow" if decision.allowed else "deny",
-            policies=list(decision.policies),
+            allowed=decision.allowed,
+            policies=decision.policies,
             reason=decision.reason,
-            approval_required=decision.approval_required or None,
+            approval_required=decision.approval_required,
             parent_lease_id=plan.parent.id if plan.parent else None,
         )
+        # A grant (or a held approval) needs its decision on record first; a refusal goes out regardless.
+        self._audit.decision(decided, required=decision.allowed)
         if not decision.allowed:
             raise PolicyDenied(decision.reason, decision.policies)
         return decision
 
-    def _hold_for_approval(self, plan: Plan) -> Issued:
+    async def _hold_for_approval(self, plan: Plan) -> Issued:
         now = self._clock.now()
         intent = plan.intent
-        if self._approvals.pending_count(plan.caller.principal) >= self._settings.max_pending_approvals:
-            raise QuotaExceeded(f"already waiting on {self._settings.max_pending_approvals} approvals")
-        approval = self._approvals.create(
-            Approval(
-                id="apr_" + secrets.token_urlsafe(12),
-                principal=plan.subject,
-                client_id=plan.caller.principal,
-                task_id=intent.task_id,
-                audience=intent.audience,
-                actions=intent.actions,
-                resource=intent.resource,
-                ttl_seconds=intent.ttl_seconds,
-                requested_at=now,
-                expires_at=now + self._settings.approval_ttl,
-                context=intent.context,
-                policies=plan.decision.policies,
-                plan=plan,
-            )
-        )
-        self._audit.record(
-            "approval.requested",
-            approval_id=approval.id,
+        approval = Approval(
+            id="apr_" + secrets.token_urlsafe(12),
             principal=plan.subject,
             client_id=plan.caller.principal,
             task_id=intent.task_id,
-            actions=list(intent.actions),
-            resource=intent.resource,
             audience=intent.audience,
-            policies=list(approval.policies),
+            actions=intent.actions,
+            resource=intent.resource,
+            ttl_seconds=intent.ttl_seconds,
+            requested_at=now,
+            expires_at=now + self._settings.approval_ttl,
+            context=intent.context,
+            policies=plan.decision.policies,
+            request=plan_data(plan),
         )
+        limit = self._settings.max_pending_approvals
+        await self._store.execute(lambda batch: batch.request_approval(approval, now=now, max_pending=limit))
         return Issued(state=PENDING_APPROVAL, task_id=intent.task_id, approval_id=approval.id)
 
     async def await_approval(self, caller: Identity, approval_id: str) -> Issued:
@@ -287,6 +272,7 @@ class Exchange:
             LeaseInactive: the parent lease of an approved delegation died meanwhile.
             TaskConflict: the task was closed or taken meanwhile.
         """
+        await self._store.sync()  # an approval asked for, or decided, through another replica is seen
         while True:
             approval = self._approvals.get(approval_id)
             if approval is None or approval.client_id != caller.principal:
@@ -304,36 +290,23 @@ class Exchange:
             return await self._issue_approved(approval)
 
     async def _issue_approved(self, approval: Approval) -> Issued:
-        # The approval is used only by the issuance it allows: taken inside the grant's atomic step
-        # (so two waiters, on any replicas' calls, cannot both use it) and given back when the
-        # issuance fails (new forbid, task closed, parent revoked meanwhile, store down).
+        # The approval is used by the issuance it allows, in the grant's own atomic step (so two
+        # waiters, on any replicas, cannot both use it), and stays unused when that fails (a new
+        # forbid, the task closed or the parent revoked meanwhile, the store down).
         await self._store.sync()
         now = self._clock.now()
-        self._approvals.usable(approval.id, now=now)
-        plan = approval.plan
-        if plan.parent is not None:
+        check(self._approvals.get(approval.id), ApprovalState.APPROVED, now, before="it was used")
+        parent = None
+        parent_id = approval.request.get("parent_id")
+        if parent_id:
             # The parent may have been renewed (shorter) or ended while the approval waited.
-            parent = self._leases.get(plan.parent.id)
+            parent = self._leases.get(str(parent_id))
             if parent is None or not parent.is_active(now):
                 raise LeaseInactive("the parent lease ended while the approval was pending")
-            plan = replace(plan, parent=parent)
+        plan = plan_from(approval.request, parent)
         # An approval vouches for the request, not for the policy: a forbid added since still wins.
         plan = replace(plan, decision=self._decide(plan))
-        taken: list[bool] = []
-
-        def take() -> None:
-            if not taken:
-                self._approvals.consume(approval.id, now=self._clock.now())
-                taken.append(True)
-
-        try:
-            issued = await self._issuer.issue(plan, guard=take)
-        except BaseException:
-            if taken:
-                self._approvals.release(approval.id)
-            raise
-        self._audit.record("approval.used", approval_id=approval.id, lease_id=issued.lease.id)
-        return issued
+        return await self._issuer.issue(plan, approval_id=approval.id)
 
     def waiting(self, approval_id: str) -> int:
         """How many AwaitApproval calls are waiting on `approval_id` right now."""
@@ -352,14 +325,7 @@ class Exchange:
                 self._waiters.pop(approval_id, None)
 
     def _on_approval(self, approval: Approval) -> None:
-        if approval.state is ApprovalState.EXPIRED:
-            self._audit.record(
-                "approval.expired",
-                approval_id=approval.id,
-                principal=approval.principal,
-                client_id=approval.client_id,
-                task_id=approval.task_id,
-            )
+        # Every change wakes its waiters, whichever replica made it (they look again).
         for fut in self._waiters.pop(approval.id, []):
             if not fut.done():
                 fut.set_result(None)

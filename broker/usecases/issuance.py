@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -133,10 +133,11 @@ class Issuer:
             raise LifetimeExhausted(f"no lifetime left under the {lifetime.capped_by} cap")
         return lifetime
 
-    async def issue(self, plan: Plan, *, guard: Callable[[], None] | None = None) -> Issued:
+    async def issue(self, plan: Plan, *, approval_id: str = "") -> Issued:
         """Open the task if new, grant the lease, mint its token; for a backend's audience, first its role.
 
-        `guard`, when given, runs in the final atomic step and may refuse (an approval used meanwhile).
+        `approval_id`, when given, is used in the grant's own atomic step, so an approval is used
+        at most once whichever replicas its waiters call, and only by an issuance that happens.
         All or nothing: a role made for an issuance that then fails is queued to be dropped.
 
         Raises:
@@ -145,22 +146,23 @@ class Issuer:
             TaskConflict: the task was closed or taken meanwhile (by any replica).
             StoreUnavailable: the store cannot be reached; nothing was issued.
             PermissionDenied: the backend grants nothing for an action.
-            BackendUnavailable: the backend could not create the role.
+            BackendUnavailable: the backend could not create the role, or the lease could not be
+                granted within the provisioning deadline (the role is then dropped).
             AuditUnavailable: the token's record cannot be written; the lease is ended at once
                 (AUDIT_UNAVAILABLE) and the token never leaves.
         """
         backend = self._backends.for_audience(plan.intent.audience) if self._backends else None
         if backend is None:
-            return await self._commit(plan, self._prepare(plan), guard=guard)
-        return await self._issue_with_secret(plan, backend, guard)
+            return await self._commit(plan, self._prepare(plan), approval_id=approval_id)
+        return await self._issue_with_secret(plan, backend, approval_id)
 
-    async def _issue_with_secret(self, plan: Plan, backend: Backend, guard: Callable[[], None] | None) -> Issued:
+    async def _issue_with_secret(self, plan: Plan, backend: Backend, approval_id: str) -> Issued:
         assert self._backends is not None
         prepared = self._prepare(plan)
         role, secret = await self._backends.provision(backend, plan.intent.actions, prepared.lease.expires_at)
         prepared = replace(prepared, lease=replace(prepared.lease, backend=backend.name, role=role))
         try:
-            issued = await self._commit(plan, prepared, guard=guard)
+            issued = await self._commit(plan, prepared, approval_id=approval_id)
         except BaseException:
             self._backends.discard(backend.name, role, lease_id=prepared.lease.id, task_id=prepared.lease.task_id)
             raise
@@ -191,32 +193,42 @@ class Issuer:
             cnf_x5t=plan.caller.x5t_s256,
             context=plan.context,
             # Only a presented subject token caps renewals: a caller who is its own subject
-            # re-proves itself on each Renew and is capped by that credential then.
-            not_after=plan.not_after if plan.intent.subject_token else None,
+            # re-proves itself on each Renew and is capped by that credential then. (The type
+            # says a token was presented; a plan rebuilt from its approval keeps no token.)
+            not_after=plan.not_after if plan.intent.subject_token_type else None,
         )
         return _Prepared(lease=lease, deadline=deadline, capped_by=lifetime.capped_by)
 
-    async def _commit(self, plan: Plan, prepared: _Prepared, *, guard: Callable[[], None] | None) -> Issued:
-        lease, capped_by = await self._store.execute(lambda batch: self._grant(batch, plan, prepared, guard))
+    async def _commit(self, plan: Plan, prepared: _Prepared, *, approval_id: str) -> Issued:
+        lease, capped_by = await self._store.execute(lambda batch: self._grant(batch, plan, prepared, approval_id))
         try:
-            return self.deliver(lease, now=self._clock.now(), cnf=plan.caller.x5t_s256, capped_by=capped_by)
+            return self.deliver(
+                lease, now=self._clock.now(), cnf=plan.caller.x5t_s256, capped_by=capped_by, approval_id=approval_id
+            )
         except AuditUnavailable:
             # The decision was recorded just before; the disk failed in between. No authority
-            # may exist that the trail does not show, so the new lease ends here.
+            # may exist that the trail does not show, so the new lease ends here (and the
+            # approval it used, if any, is usable again: its token never left).
             now = self._clock.now()
-            await self._store.execute(
-                lambda batch: batch.revoke(lease.id, Reason.AUDIT_UNAVAILABLE, now=now, initiator=BROKER_INITIATOR)
-            )
+
+            def withdraw(batch: Batch) -> None:
+                batch.revoke(lease.id, Reason.AUDIT_UNAVAILABLE, now=now, initiator=BROKER_INITIATOR)
+                if approval_id:
+                    batch.release_approval(approval_id, now=now)
+
+            await self._store.execute(withdraw)
             raise
 
-    def _grant(
-        self, batch: Batch, plan: Plan, prepared: _Prepared, guard: Callable[[], None] | None
-    ) -> tuple[Lease, str]:
-        # Planned against the store's current state: the task's owner and deadline, the parent.
+    def _grant(self, batch: Batch, plan: Plan, prepared: _Prepared, approval_id: str) -> tuple[Lease, str]:
+        # Planned against the store's current state: the task's owner and deadline, the parent,
+        # whether the approval is still unused.
         now = self._clock.now()
-        if guard is not None:
-            guard()
         lease, capped_by = prepared.lease, prepared.capped_by
+        if lease.backend and lease.role and self._backends is not None:
+            # Past the provisioning deadline another replica may take the role for an orphan.
+            self._backends.check_in_time(lease.backend, lease.role)
+        if approval_id:
+            batch.use_approval(approval_id, lease_id=prepared.lease.id, now=now)
         task = batch.task(plan.intent.task_id)
         if task is not None and task.deadline != prepared.deadline:
             # Another replica opened the task meanwhile: its deadline caps this lease.
@@ -242,7 +254,9 @@ class Issuer:
         await self._store.refresh_keys()
         return self._minter.verify(token, now=now)
 
-    def deliver(self, lease: Lease, *, now: float, cnf: str | None, capped_by: str, renewal: bool = False) -> Issued:
+    def deliver(
+        self, lease: Lease, *, now: float, cnf: str | None, capped_by: str, renewal: bool = False, approval_id: str = ""
+    ) -> Issued:
         """Mint the token for a granted or renewed lease, and audit it by hash before handing it out.
 
         Raises:
@@ -257,6 +271,7 @@ class Issuer:
             expires_at=lease.expires_at,
             ttl_capped_by=capped_by,
             renewal=renewal or None,
+            approval_id=approval_id or None,
         )
         return Issued(state=ISSUED, task_id=lease.task_id, access_token=token, lease=lease, ttl_capped_by=capped_by)
 

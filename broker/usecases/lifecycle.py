@@ -12,7 +12,7 @@ from broker.domain.identity import Identity, matches_any
 from broker.domain.intent import Intent, check_task_id
 from broker.leases.batch import Batch
 from broker.leases.table import Lease, LeaseState, Reason
-from broker.ops.audit import AuditLog
+from broker.ops.audit import AuditLog, Decided
 from broker.policy.engine import Decision, PolicyEngine
 from broker.store.base import LeaseStore
 from broker.tokens.minter import TokenMinter
@@ -134,20 +134,20 @@ class Leasing:
         decision = self._policy.decide_all(lease.subject, lease.scope, lease.resource, context)
         # A renewal needs its decision on record first; a refusal (and its revocation) goes ahead regardless.
         renews = decision.allowed and not decision.approval_required
-        (self._audit.require if renews else self._audit.record)(
-            "decision",
+        decided = Decided(
             principal=lease.subject,
             client_id=caller.principal,
             lease_id=lease.id,
             task_id=lease.task_id,
-            actions=list(lease.scope),
+            actions=lease.scope,
             resource=lease.resource,
             audience=lease.audience,
-            decision="allow" if decision.allowed else "deny",
-            policies=list(decision.policies),
+            allowed=decision.allowed,
+            policies=decision.policies,
             reason=decision.reason,
             renewal=True,
         )
+        self._audit.decision(decided, required=renews)
         if not decision.allowed:
             await self._store.execute(
                 lambda batch: batch.revoke(lease.id, Reason.RENEWAL_DENIED, now=now, initiator=caller.principal)

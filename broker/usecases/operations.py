@@ -9,11 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.approvals.store import Approval, ApprovalStore
+from broker.approvals.store import Approval, ApprovalChanged
 from broker.backends.manager import Backends
 from broker.backends.pending import PendingRevocation
 from broker.domain.clock import Clock
-from broker.domain.errors import InvalidRequest, LeaseNotFound, PermissionDenied
+from broker.domain.errors import InvalidRequest, LeaseNotFound
 from broker.domain.identity import Identity
 from broker.domain.intent import (
     Limits,
@@ -24,6 +24,7 @@ from broker.domain.intent import (
     check_resource,
     check_task_id,
 )
+from broker.leases.batch import Batch
 from broker.leases.events import LeaseState, state_for
 from broker.leases.table import Lease, Reason
 from broker.ops.audit import AuditLog
@@ -158,7 +159,6 @@ class Admin:
         *,
         store: LeaseStore,
         policy: PolicyEngine,
-        approvals: ApprovalStore,
         minter: TokenMinter,
         audit: AuditLog,
         clock: Clock,
@@ -168,7 +168,7 @@ class Admin:
         self._store = store
         self._leases = store.table
         self._policy = policy
-        self._approvals = approvals
+        self._approvals = store.table.approvals
         self._minter = minter
         self._audit = audit
         self._clock = clock
@@ -307,45 +307,38 @@ class Admin:
         self._audit.record("policy.reloaded", operator=operator.principal, policy_version=version)
         return version, await self._store.reload_everywhere()
 
-    def list_approvals(self, *, include_decided: bool) -> list[Approval]:
+    async def list_approvals(self, *, include_decided: bool) -> list[Approval]:
+        """Approvals asked for through any replica (read after the store's barrier).
+
+        Raises:
+            StoreUnavailable: the store cannot be reached.
+        """
+        await self._store.sync()
         return self._approvals.list(include_decided=include_decided)
 
-    def approve(self, operator: Identity, approval_id: str, note: str) -> Approval:
-        """Approve a pending request; the approval is on record before it takes effect.
+    async def approve(self, operator: Identity, approval_id: str, note: str) -> Approval:
+        """Approve a pending request, through any replica; it is on record before it takes effect.
 
         Raises:
             ApprovalNotFound, ApprovalExpired, ApprovalNotPending: not a pending approval.
             PermissionDenied: one's own request.
             AuditUnavailable: the approval cannot be recorded (audit.on_failure = "refuse").
+            StoreUnavailable: the store cannot be reached; nothing was decided.
         """
+        return await self._decide(operator, approval_id, note, approve=True)
+
+    async def deny(self, operator: Identity, approval_id: str, note: str) -> Approval:
+        """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending, StoreUnavailable."""
+        return await self._decide(operator, approval_id, note, approve=False)
+
+    async def _decide(self, operator: Identity, approval_id: str, note: str, *, approve: bool) -> Approval:
         now = self._clock.now()
-        found = self._approvals.get(approval_id)
-        if found is not None and operator.principal in (found.principal, found.client_id):
-            raise PermissionDenied("an operator cannot approve their own request")
-        pending = self._approvals.pending(approval_id, now=now)
-        self._audit.require(
-            "approval.approved",
-            approval_id=pending.id,
-            operator=operator.principal,
-            note=note or None,
-            principal=pending.principal,
-            task_id=pending.task_id,
-        )
-        # No await between the record and the change: the approval cannot change meanwhile.
-        return self._approvals.approve(approval_id, by=operator.principal, note=note, now=now)
 
-    def deny(self, operator: Identity, approval_id: str, note: str) -> Approval:
-        """Raises: ApprovalNotFound, ApprovalExpired, ApprovalNotPending."""
-        approval = self._approvals.deny(approval_id, by=operator.principal, note=note, now=self._clock.now())
-        return self._decided("approval.denied", approval)
+        def plan(batch: Batch) -> Approval:
+            decided = batch.decide_approval(approval_id, approve=approve, by=operator.principal, note=note, now=now)
+            event = batch.events[-1]
+            assert isinstance(event, ApprovalChanged)
+            self._audit.ahead(event)  # inside the batch: an approval that cannot be recorded never commits
+            return decided
 
-    def _decided(self, kind: str, approval: Approval) -> Approval:
-        self._audit.record(
-            kind,
-            approval_id=approval.id,
-            operator=approval.decided_by,
-            note=approval.note or None,
-            principal=approval.principal,
-            task_id=approval.task_id,
-        )
-        return approval
+        return await self._store.execute(plan)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from broker.approvals.store import ApprovalStore
+from broker.approvals.store import ApprovalChanged
 from broker.domain.clock import Clock
 from broker.leases.table import LeaseGranted, LeaseRenewed, TaskOpened
 from broker.store.base import LeaseStore
@@ -24,16 +24,14 @@ BATCH = 1000
 class Reaper:
     """Expires leases, tasks and approvals at their deadlines, driven by one heap each."""
 
-    def __init__(self, *, store: LeaseStore, approvals: ApprovalStore, minter: TokenMinter, clock: Clock) -> None:
+    def __init__(self, *, store: LeaseStore, minter: TokenMinter, clock: Clock) -> None:
         self._store = store
         self._leases = leases = store.table
-        self._approvals = approvals
         self._minter = minter
         self._clock = clock
         self._target = float("inf")
         self._wake = asyncio.Event()
         leases.subscribe(self._on_event)
-        approvals.subscribe(lambda approval: self.poke(approval.expires_at))
 
     def poke(self, deadline: float) -> None:
         """Wake the loop if `deadline` is earlier than the one it sleeps towards."""
@@ -48,6 +46,8 @@ class Reaper:
             self.poke(event.expires_at)
         elif isinstance(event, TaskOpened):
             self.poke(event.task.deadline)
+        elif isinstance(event, ApprovalChanged):
+            self.poke(event.approval.expires_at)
 
     async def expire(self, *, limit: int = BATCH) -> int:
         """One pass over what is due by now (at most `limit` lease-table entries).
@@ -56,16 +56,15 @@ class Reaper:
         """
         now = self._clock.now()
         changed = await self._store.expire(now, limit=limit)
-        self._approvals.expire_due(now)
         self._minter.prune(now=now)
         return len(changed)
 
     def _next(self) -> float:
         now = self._clock.now()
         candidates = [now + HOUSEKEEPING_SECONDS]
-        for deadline in (self._leases.next_deadline(), self._approvals.next_deadline()):
-            if deadline is not None:
-                candidates.append(deadline)
+        deadline = self._leases.next_deadline()
+        if deadline is not None:
+            candidates.append(deadline)
         return min(candidates)
 
     async def run(self) -> None:

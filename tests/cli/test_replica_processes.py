@@ -146,3 +146,25 @@ def test_a_replica_killed_under_load_loses_nothing_and_resurrects_nothing(replic
     health = health_pb2_grpc.HealthStub(a.stub("repo")[1]).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     watch.cancel()
+
+
+def test_an_approval_asked_of_a_replica_that_dies_is_decided_and_used_through_the_survivor(replica_pair) -> None:
+    a, b = replica_pair
+    planner_a, _ = a.stub("planner")
+    deploy = pb.ExchangeRequest(
+        task_id="ship", audience="spiffe://example.org/service/deployer", actions=["deploy:prod"],
+        resource="service:app", context={"ticket": "CHG-1"},
+    )  # fmt: skip
+    held = planner_a.Exchange(deploy, timeout=10)
+    assert held.state == "PENDING_APPROVAL"
+    a.stop(signal.SIGKILL)
+    operator_b, _ = b.stub("operator", admin=True)
+    [listed] = operator_b.ListApprovals(pb.ListApprovalsRequest(), timeout=10).approvals
+    assert (listed.approval_id, listed.task_id) == (held.approval_id, "ship")
+    operator_b.Approve(pb.ApproveRequest(approval_id=held.approval_id, note="ok"), timeout=10)
+    planner_b, _ = b.stub("planner")
+    issued = planner_b.AwaitApproval(pb.AwaitApprovalRequest(approval_id=held.approval_id), timeout=10)
+    assert issued.state == "ISSUED" and issued.lease_id
+    with pytest.raises(grpc.RpcError) as again:
+        planner_b.AwaitApproval(pb.AwaitApprovalRequest(approval_id=held.approval_id), timeout=10)
+    assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION

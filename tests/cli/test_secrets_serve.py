@@ -1,4 +1,5 @@
-"""`broker serve` with a PostgreSQL backend, as a real process: a crash leaves no access behind."""
+"""`broker serve` with a PostgreSQL backend, as real processes: a crash leaves no access behind, and a
+replica's crash takes away none that its leases still grant."""
 
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ import pytest
 
 from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.testing.postgres import PostgresServer
-from tests.support.harness import PLANNER, Material, channel_options, write_config
-from tests.support.secrets import SECRET_POLICY, Analytics, db_request, login_refused, make_analytics, wait_until
+from tests.support.harness import PLANNER, Material, channel_options, postgres_store, write_config
+from tests.support.secrets import (
+    SECRET_POLICY,
+    Analytics,
+    db_request,
+    login,
+    login_refused,
+    make_analytics,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,8 +35,8 @@ def db(postgres: PostgresServer, pg_dsn: str) -> Analytics:
     return make_analytics(postgres, pg_dsn)
 
 
-def _config(material: Material, folder: Path, db: Analytics, dsn_file: Path) -> Path:
-    config = write_config(material, folder, extra=db.backend_toml(dsn_file))
+def _config(material: Material, folder: Path, db: Analytics, dsn_file: Path, store: str = "") -> Path:
+    config = write_config(material, folder, extra=db.backend_toml(dsn_file) + store)
     with (folder / "policy.cedar").open("a") as f:
         f.write(SECRET_POLICY)
     return config
@@ -108,3 +117,32 @@ def test_an_unreadable_dsn_file_is_a_config_error_naming_the_key(
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "backends[0].dsn_file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_sigkilled_replica_s_roles_outlive_it_until_their_leases_end_on_another_replica(
+    material: Material, tmp_path: Path, db: Analytics, pg_dsn: str, serve: list[Serve]
+) -> None:
+    dsn_file = tmp_path / "admin.dsn"
+    dsn_file.write_text(db.dsn)
+    configs = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        configs[name] = _config(material, tmp_path / name, db, dsn_file, store=postgres_store(pg_dsn, name))
+    a = Serve(configs["a"])
+    serve.append(a)
+    channel, agent = _agent(material, a.ports["mtls"])
+    with channel:
+        kept = agent.Exchange(db_request(task_id="kept", ttl_seconds=600), timeout=10)
+        short = agent.Exchange(db_request(task_id="short", ttl_seconds=3), timeout=10)
+    a.proc.kill()
+    a.proc.wait(10)
+    b = Serve(configs["b"])  # its first reconciliation runs at start, with A's roles in the database
+    serve.append(b)
+    short_role, kept_role = short.secret.fields["username"], kept.secret.fields["username"]
+    wait_until(lambda: short_role not in db.roles(), timeout=30, what="the survivor to drop the expired lease's role")
+    assert kept_role in db.roles()
+    with login(kept.secret) as conn:
+        assert conn.execute("SELECT sum(amount) FROM sales").fetchone() == (350,)
+    audit = [json.loads(line) for line in (tmp_path / "b" / "audit.jsonl").read_text().splitlines()]
+    assert [(r["role"], r["cause"]) for r in audit if r["kind"] == "backend.role_dropped"] == [(short_role, "EXPIRED")]
+    assert not [r for r in audit if r["kind"] == "backend.orphan_found"]

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import psycopg
 import pytest
 
-from broker.domain.errors import ConfigError, StoreUnavailable, TaskConflict
+from broker.domain.errors import ConfigError, CursorTooOld, StoreUnavailable, TaskConflict
 from broker.leases.events import LeaseEnded, LeaseState, Reason
 from broker.store.postgres import PostgresStore
 from broker.store.schema import VERSION
@@ -194,3 +194,25 @@ def test_postgres_down_fails_closed_and_the_replica_catches_up_by_itself() -> No
         down, health, healthy, state = asyncio.run(main())
     assert down == (False, LeaseState.ACTIVE)
     assert health[:1] == [False] and healthy is True and state is LeaseState.REVOKED
+
+
+def test_the_log_serves_old_lease_ends_until_housekeeping_deletes_them(pg_dsn: str) -> None:
+    async def scenario(clock, a, b):
+        await _open(a, "x", "y", "z")
+        for lease_id in ("x", "y"):
+            await a.execute(lambda batch, i=lease_id: batch.revoke(i, Reason.OPERATOR, now=T0 + 1, initiator="op"))
+        await b.sync()
+        served = await b.ended_after(0, b.table.seq, 10)
+        paged = await b.ended_after(0, b.table.seq, 1)
+        b._retention = -60.0  # every committed event is now past retention
+        async with b._connection() as conn:
+            await b._housekeeping(conn)
+        with pytest.raises(CursorTooOld, match="older than the events the store keeps"):
+            await a.ended_after(served[0][0], a.table.seq, 10)
+        after_all = await a.ended_after(a.table.seq, a.table.seq, 10)
+        return served, paged, after_all
+
+    served, paged, after_all = replicas(pg_dsn, 2, scenario)
+    assert [(lease.id, lease.reason) for _, lease in served] == [("x", Reason.OPERATOR), ("y", Reason.OPERATOR)]
+    assert served[0][0] < served[1][0] and [s for s, _ in paged] == [served[0][0]]
+    assert after_all == []

@@ -248,3 +248,175 @@ def test_a_policy_reload_through_one_replica_reloads_every_replica_and_says_whic
         b.agent(PLANNER).Exchange(request(task_id="w", actions=("repo:write",)), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert c.agent(PLANNER).Exchange(request(task_id="w2", actions=("repo:write",)), timeout=5).state == "ISSUED"
+
+
+DEPLOY = "deploy:prod"
+
+
+def _ask_approval(harness: Harness, task_id: str) -> str:
+    resp = harness.agent(PLANNER).Exchange(
+        pb.ExchangeRequest(task_id=task_id, audience=RESOURCE_SERVER_ID, actions=[DEPLOY], resource="service:app"),
+        timeout=5,
+    )
+    assert resp.state == "PENDING_APPROVAL"
+    return resp.approval_id
+
+
+def _await(harness: Harness, approval_id: str):
+    try:
+        return harness.agent(PLANNER).AwaitApproval(pb.AwaitApprovalRequest(approval_id=approval_id), timeout=20)
+    except grpc.RpcError as e:
+        return e.code()
+
+
+def _audit(harness: Harness) -> list[dict]:
+    path = Path(harness.broker.config_path).parent / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_an_approval_asked_on_one_replica_is_decided_on_another_and_wakes_a_waiter_on_a_third(
+    replicas: list[Harness],
+) -> None:
+    a, b, c = replicas
+    approval_id = _ask_approval(a, "ship")
+    with ThreadPoolExecutor(1) as pool:
+        waiter = pool.submit(_await, c, approval_id)
+        c.broker.until(lambda: c.broker.app.exchange.waiting(approval_id) == 1)
+        # Listed through another replica at once, with what it binds.
+        [listed] = b.operator().ListApprovals(pb.ListApprovalsRequest(), timeout=5).approvals
+        assert (listed.approval_id, listed.state, listed.task_id, list(listed.actions)) == (
+            approval_id, "PENDING", "ship", [DEPLOY]
+        )
+        decided = b.operator().Approve(pb.ApproveRequest(approval_id=approval_id, note="CHG-7"), timeout=5)
+        assert decided.state == "APPROVED"
+        issued = waiter.result(timeout=20)
+    assert issued.state == "ISSUED" and active(a, issued.access_token)
+    # Used once in all: no replica issues it again.
+    for h in replicas:
+        assert _await(h, approval_id) == grpc.StatusCode.FAILED_PRECONDITION
+    states = {h.broker.config_path: [x.state for x in h.operator().ListApprovals(
+        pb.ListApprovalsRequest(include_decided=True), timeout=5).approvals] for h in replicas}
+    assert list(states.values()) == [["USED"]] * 3
+    # Each step audited once, by the replica that took it.
+    for h in replicas:
+        h.broker.settle()
+    kinds = {name: [r["kind"] for r in _audit(h) if r.get("approval_id") == approval_id]
+             for name, h in zip("abc", replicas, strict=True)}
+    assert kinds["a"] == ["approval.requested"]
+    assert kinds["b"] == ["approval.approved"]
+    assert [k for k in kinds["c"] if k.startswith("approval.")] == ["approval.used"]
+    approved = next(r for r in _audit(b) if r["kind"] == "approval.approved")
+    assert approved["note"] == "CHG-7"
+
+
+def test_waiters_on_two_replicas_racing_for_one_approval_get_one_credential(replicas: list[Harness]) -> None:
+    a, b, c = replicas
+    for i in range(4):
+        approval_id = _ask_approval(a, f"race-approval-{i}")
+        with ThreadPoolExecutor(2) as pool:
+            waiters = [pool.submit(_await, h, approval_id) for h in (b, c)]
+            for h in (b, c):
+                h.broker.until(lambda h=h, i=approval_id: h.broker.app.exchange.waiting(i) == 1)
+            a.operator().Approve(pb.ApproveRequest(approval_id=approval_id), timeout=5)
+            answers = [w.result(timeout=20) for w in waiters]
+        issued = [x for x in answers if not isinstance(x, grpc.StatusCode)]
+        assert len(issued) == 1 and issued[0].state == "ISSUED", answers
+        assert [x for x in answers if isinstance(x, grpc.StatusCode)] == [grpc.StatusCode.FAILED_PRECONDITION]
+        leases = a.operator().ListLeases(pb.ListLeasesRequest(task_id=f"race-approval-{i}"), timeout=5).leases
+        assert len(leases) == 1
+
+
+def test_a_denial_on_one_replica_answers_a_waiter_on_another(replicas: list[Harness]) -> None:
+    a, b, c = replicas
+    approval_id = _ask_approval(a, "no")
+    with ThreadPoolExecutor(1) as pool:
+        waiter = pool.submit(_await, c, approval_id)
+        c.broker.until(lambda: c.broker.app.exchange.waiting(approval_id) == 1)
+        b.operator().Deny(pb.DenyRequest(approval_id=approval_id, note="freeze"), timeout=5)
+        assert waiter.result(timeout=20) == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as twice:
+        c.operator().Approve(pb.ApproveRequest(approval_id=approval_id), timeout=5)
+    assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_an_approval_expires_once_whatever_replicas_run(replicas: list[Harness]) -> None:
+    a, b, _ = replicas
+    approval_id = _ask_approval(a, "late")
+    a.clock.advance(15 * 60 + 1)  # approvals.ttl's default; one clock for all three reapers
+    def expired_here(h: Harness) -> bool:
+        found = h.broker.app.approvals.get(approval_id)
+        return found is not None and found.state.value == "EXPIRED"
+
+    for h in replicas:
+        h.broker.until(lambda h=h: expired_here(h))
+        h.broker.settle()
+    expired = [r for h in replicas for r in _audit(h) if r["kind"] == "approval.expired"]
+    assert [r["approval_id"] for r in expired] == [approval_id]
+    assert _await(b, approval_id) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.fixture
+def small_windows(material: Material, tmp_path: Path, pg_dsn: str) -> Iterator[list[Harness]]:
+    """Two replicas whose revocation feeds remember only the last 2 lease ends."""
+    clock = FakeClock()
+    started: list[Harness] = []
+    try:
+        for name in ("a", "b"):
+            folder = tmp_path / name
+            folder.mkdir()
+            extra = postgres_store(pg_dsn, name) + "\n[limits]\nwatch_buffer = 2\n"
+            started.append(Harness(broker=RunningBroker(write_config(material, folder, extra=extra), clock),
+                                   material=material))
+        yield started
+    finally:
+        for harness in started:
+            harness.close()
+            harness.broker.stop()
+
+
+def test_a_watcher_resuming_before_the_window_is_served_from_the_log_on_another_replica(
+    small_windows: list[Harness],
+) -> None:
+    a, b = small_windows
+    leases = [a.agent(PLANNER).Exchange(request(task_id=f"w-{i}"), timeout=5).lease_id for i in range(7)]
+    first = _Watch(a)
+    try:
+        a.operator().Revoke(pb.RevokeRequest(lease_id=leases[0]), timeout=5)
+        [seen] = first.wait(1)
+    finally:
+        first.close()
+    for lease_id in leases[1:6]:  # more than the window holds: the first three leave it
+        a.operator().Revoke(pb.RevokeRequest(lease_id=lease_id), timeout=5)
+    resumed = _Watch(b, resume_after=seen.cursor)
+    try:
+        got = resumed.wait(5)
+        a.operator().Revoke(pb.RevokeRequest(lease_id=leases[6]), timeout=5)
+        got = resumed.wait(6)
+    finally:
+        resumed.close()
+    assert [e.lease_id for e in got] == leases[1:7]
+    assert len({e.cursor for e in got}) == 6
+
+
+def test_resuming_before_the_window_on_the_memory_store_is_out_of_range(material: Material, tmp_path: Path) -> None:
+    harness = Harness(
+        broker=RunningBroker(write_config(material, tmp_path, extra="\n[limits]\nwatch_buffer = 1\n"), FakeClock()),
+        material=material,
+    )
+    try:
+        leases = [harness.agent(PLANNER).Exchange(request(task_id=f"m-{i}"), timeout=5).lease_id for i in range(3)]
+        watch = _Watch(harness)
+        harness.operator().Revoke(pb.RevokeRequest(lease_id=leases[0]), timeout=5)
+        [seen] = watch.wait(1)
+        watch.close()
+        for lease_id in leases[1:]:
+            harness.operator().Revoke(pb.RevokeRequest(lease_id=lease_id), timeout=5)
+        call = harness.agent(RESOURCE_SERVER_ID).WatchRevocations(
+            pb.WatchRevocationsRequest(resume_after=seen.cursor), timeout=5
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            next(iter(call))
+        assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    finally:
+        harness.close()
+        harness.broker.stop()

@@ -266,8 +266,8 @@ def test_a_role_made_for_an_exchange_that_then_fails_is_dropped(
     provision = backend.provision
     made: list[str] = []
 
-    async def provision_then_lose_the_race(role, groups, expires_at):
-        secret = await provision(role, groups, expires_at)
+    async def provision_then_lose_the_race(role, groups, expires_at, *, created_at):
+        secret = await provision(role, groups, expires_at, created_at=created_at)
         made.append(role)
         # An operator closes the task while the database was answering.
         # Through the store, as an operator's Revoke goes: its readers (the backends) hear of it.
@@ -359,12 +359,24 @@ def test_reconcile_drops_the_roles_no_lease_accounts_for_and_only_those(broker: 
     app = broker.broker.app
     backend = app.backends.for_audience(AUDIENCE)
     orphan = backend.new_role()
-    broker.broker.call(backend.provision(orphan, (db.reader,), time.time() + 600))
+    broker.broker.call(backend.provision(orphan, (db.reader,), time.time() + 600, created_at=app.clock.now()))
     stranger = db.prefix + "made_by_hand"
     db.sql(f"CREATE ROLE {stranger} LOGIN")  # same prefix, not made by this backend: never touched
     assert broker.broker.call(app.backends.reconcile(BACKEND)) == 1
     wait_until(gone(db, orphan), what="the orphan to be dropped")
     assert db.roles() == {live, stranger}
+
+
+def test_a_role_carries_its_creation_time_and_a_second_drop_is_no_change(broker: Harness, db: Analytics) -> None:
+    app = broker.broker.app
+    backend = app.backends.for_audience(AUDIENCE)
+    made, legacy = backend.new_role(), backend.new_role()
+    broker.broker.call(backend.provision(made, (db.reader,), time.time() + 600, created_at=1_700_000_123.25))
+    db.sql(f"CREATE ROLE {legacy}")  # as a broker before the creation time marked its roles
+    db.sql(f"COMMENT ON ROLE {legacy} IS 'managed by the credential broker: backend {BACKEND}'")
+    assert broker.broker.call(backend.roles()) == {made: 1_700_000_123.25, legacy: 0.0}
+    assert broker.broker.call(backend.revoke(made)) is True
+    assert broker.broker.call(backend.revoke(made)) is False
 
 
 def test_metrics_count_backend_operations(broker: Harness) -> None:

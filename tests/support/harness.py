@@ -218,7 +218,21 @@ class RunningBroker:
             self.settle()
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return
         self.call(self.app.stop(grace=0.2))
+        shutdown_loop(self.loop, self._thread)
+
+    def kill(self) -> None:
+        """Die as a SIGKILLed process would: calls are cut off and no step of the app's stop runs
+        (no drain, no role dropped, nothing appended); what runs on the loop is cancelled."""
+        if self.loop.is_closed():
+            return
+
+        async def cut() -> None:
+            await asyncio.gather(*(server.stop(None) for server in self.app.servers.values()))
+
+        self.call(cut())
         shutdown_loop(self.loop, self._thread)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,11 +92,12 @@ def make_analytics(server: PostgresServer, dsn: str) -> Analytics:
 
 
 def start_broker(material: Material, folder: Path, db: Analytics, *, clock: FakeClock | None = None,
-                 dsn: str | None = None, grants: str = "") -> Harness:
-    """A broker (audit in `folder/audit.jsonl`, HTTP on) whose backend `analytics` serves `db`."""
+                 dsn: str | None = None, grants: str = "", store: str = "", http: bool = True) -> Harness:
+    """A broker (audit in `folder/audit.jsonl`, HTTP on unless told) whose backend `analytics` serves `db`;
+    `store` is an optional `[store]` section (a replica sharing a postgres store)."""
     dsn_file = folder / "analytics-admin.dsn"
     dsn_file.write_text((dsn or db.dsn) + "\n")
-    config = write_config(material, folder, extra=db.backend_toml(dsn_file, grants=grants), http=True)
+    config = write_config(material, folder, extra=db.backend_toml(dsn_file, grants=grants) + store, http=http)
     with (folder / "policy.cedar").open("a") as f:
         f.write(SECRET_POLICY)
     return Harness(broker=RunningBroker(config, clock or FakeClock()), material=material)
@@ -111,6 +113,12 @@ def running(harness: Harness) -> Iterator[Harness]:
         yield harness
     finally:
         stop(harness)
+
+
+def audit_records(harness: Harness, kind: str) -> list[dict]:
+    """The records of `kind` in the broker's audit log, in order."""
+    lines = (harness.broker.config_path.parent / "audit.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def db_request(task_id: str = "task-db", actions=("db:read",), **kw) -> pb.ExchangeRequest:

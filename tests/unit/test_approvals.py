@@ -1,15 +1,29 @@
-"""The approval store: transitions, expiry, retention, single use, ordering and subscribers."""
+"""Approvals: transitions planned in a batch and applied from events, expiry, retention, single use, order."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
-from broker.approvals.store import RETENTION_SECONDS, Approval, ApprovalState, ApprovalStore
-from broker.domain.errors import ApprovalExpired, ApprovalNotFound, ApprovalNotPending, BrokerError
+from broker.approvals.store import RETENTION_SECONDS, Approval, ApprovalState, ApprovalStore, Change, check
+from broker.domain.errors import (
+    ApprovalExpired,
+    ApprovalNotFound,
+    ApprovalNotPending,
+    BrokerError,
+    PermissionDenied,
+    QuotaExceeded,
+)
+from broker.jose.keys import SigningKey
+from broker.leases.batch import Batch
+from broker.leases.table import LeaseTable
+from broker.store.base import MemoryStore
+from broker.store.codec import decode, encode
+from broker.tokens.minter import TokenMinter
 
 T0 = 1_000.0
 TTL = 900.0
@@ -31,12 +45,67 @@ def make_approval(approval_id: str = "apr_1", *, requested_at: float = T0, ttl: 
         expires_at=requested_at + ttl,
         context={"ticket": "CHG-1"},
         policies=("deploy-needs-approval",),
-        plan=object(),
+        request={"intent": {"task_id": "task-1"}},
     )
 
 
-def store_with(*approvals: Approval) -> tuple[ApprovalStore, list[Approval]]:
-    store = ApprovalStore()
+class Book:
+    """A lease table's approvals, changed only as the store changes them: plan a batch, apply its events."""
+
+    def __init__(self) -> None:
+        self.table = LeaseTable()
+        self.store = MemoryStore(self.table, minter=TokenMinter("spiffe://example.org/broker", SigningKey.generate()))
+        self.events: list = []
+        self.table.subscribe(self.events.append)
+
+    def run(self, plan: Callable[[Batch], object]) -> object:
+        return self.store.run(plan)
+
+    def create(self, approval: Approval, *, max_pending: int = 100) -> Approval:
+        return self.run(lambda b: b.request_approval(approval, now=approval.requested_at, max_pending=max_pending))
+
+    def approve(self, approval_id: str, *, by: str, note: str, now: float) -> Approval:
+        return self.run(lambda b: b.decide_approval(approval_id, approve=True, by=by, note=note, now=now))
+
+    def deny(self, approval_id: str, *, by: str, note: str, now: float) -> Approval:
+        return self.run(lambda b: b.decide_approval(approval_id, approve=False, by=by, note=note, now=now))
+
+    def consume(self, approval_id: str, *, now: float, lease_id: str = "lse_1") -> Approval:
+        return self.run(lambda b: b.use_approval(approval_id, lease_id=lease_id, now=now))
+
+    def release(self, approval_id: str, *, now: float) -> None:
+        self.run(lambda b: b.release_approval(approval_id, now=now))
+
+    def usable(self, approval_id: str, *, now: float) -> Approval:
+        return check(self.get(approval_id), ApprovalState.APPROVED, now, before="it was used")
+
+    def expire_due(self, now: float) -> list[Approval]:
+        before = len(self.events)
+        self.table.expire_due(now)
+        return [e.approval for e in self.events[before:] if e.change is Change.EXPIRED]
+
+    @property
+    def approvals(self) -> ApprovalStore:
+        return self.table.approvals
+
+    def get(self, approval_id: str) -> Approval | None:
+        return self.approvals.get(approval_id)
+
+    def list(self, *, include_decided: bool = False) -> list[Approval]:
+        return self.approvals.list(include_decided=include_decided)
+
+    def next_deadline(self) -> float | None:
+        return self.approvals.next_deadline()
+
+    def pending_count(self, client_id: str) -> int:
+        return self.approvals.pending_count(client_id)
+
+    def subscribe(self, fn: Callable[[Approval], None]) -> Callable[[], None]:
+        return self.approvals.subscribe(fn)
+
+
+def store_with(*approvals: Approval) -> tuple[Book, list[Approval]]:
+    store = Book()
     seen: list[Approval] = []
     store.subscribe(seen.append)
     for approval in approvals:
@@ -72,35 +141,36 @@ def test_deny_records_the_operator_note_and_time() -> None:
     assert seen[-1] == denied
 
 
-def test_decisions_keep_the_bound_request_and_its_plan() -> None:
+def test_decisions_keep_the_bound_request() -> None:
     original = make_approval()
     store, _ = store_with(original)
     approved = store.approve("apr_1", by=OPS, note="", now=T0 + 1)
-    used = store.consume("apr_1", now=T0 + 2)
+    used = store.consume("apr_1", now=T0 + 2, lease_id="lse_9")
+    assert used.lease_id == "lse_9"
     for record in (approved, used):
-        assert record.plan is original.plan
+        assert record.request == original.request
         assert (record.principal, record.task_id, record.actions, record.resource, record.ttl_seconds) == (
             original.principal, original.task_id, original.actions, original.resource, original.ttl_seconds
         )
 
 
-def _approve(store: ApprovalStore, now: float) -> Approval:
+def _approve(store: Book, now: float) -> Approval:
     return store.approve("apr_1", by=OPS, note="", now=now)
 
 
-def _deny(store: ApprovalStore, now: float) -> Approval:
+def _deny(store: Book, now: float) -> Approval:
     return store.deny("apr_1", by=OPS, note="", now=now)
 
 
-def _consume(store: ApprovalStore, now: float) -> Approval:
+def _consume(store: Book, now: float) -> Approval:
     return store.consume("apr_1", now=now)
 
 
 @dataclass(frozen=True)
 class Transition:
     name: str
-    before: tuple[Callable[[ApprovalStore, float], Approval], ...]
-    step: Callable[[ApprovalStore, float], Approval]
+    before: tuple[Callable[[Book, float], Approval], ...]
+    step: Callable[[Book, float], Approval]
     error: type[BrokerError]
 
 
@@ -128,7 +198,7 @@ def test_refused_transition_changes_nothing(case: Transition) -> None:
 
 
 @pytest.mark.parametrize("step", [_approve, _deny, _consume], ids=["approve", "deny", "consume"])
-def test_unknown_approval_is_not_found(step: Callable[[ApprovalStore, float], Approval]) -> None:
+def test_unknown_approval_is_not_found(step: Callable[[Book, float], Approval]) -> None:
     store, _ = store_with()
     with pytest.raises(ApprovalNotFound):
         step(store, T0)
@@ -164,15 +234,18 @@ def test_consume_marks_an_approved_approval_used_once() -> None:
 
 
 @pytest.mark.parametrize("step", [_approve, _deny], ids=["approve", "deny"])
-def test_deciding_at_expiry_is_expired_and_expires_it(step: Callable[[ApprovalStore, float], Approval]) -> None:
+def test_deciding_at_expiry_is_expired_and_changes_nothing(step: Callable[[Book, float], Approval]) -> None:
+    # The same answer as once the reaper has expired it; the expiry itself is the reaper's event.
     store, seen = store_with(make_approval())
     with pytest.raises(ApprovalExpired):
         step(store, T0 + TTL)
-    assert state(store) is ApprovalState.EXPIRED and seen[-1].state is ApprovalState.EXPIRED
+    assert state(store) is ApprovalState.PENDING and len(seen) == 1
+    [expired] = store.expire_due(T0 + TTL)
+    assert expired.state is ApprovalState.EXPIRED and seen[-1] == expired
 
 
 @pytest.mark.parametrize("step", [_approve, _deny, _consume], ids=["approve", "deny", "consume"])
-def test_already_expired_approval_answers_expired(step: Callable[[ApprovalStore, float], Approval]) -> None:
+def test_already_expired_approval_answers_expired(step: Callable[[Book, float], Approval]) -> None:
     store, _ = store_with(make_approval())
     store.expire_due(T0 + TTL)
     with pytest.raises(ApprovalExpired):
@@ -184,7 +257,7 @@ def test_approved_but_unused_approval_cannot_be_consumed_after_expiry() -> None:
     _approve(store, T0 + 1)
     with pytest.raises(ApprovalExpired):
         store.consume("apr_1", now=T0 + TTL)
-    assert state(store) is ApprovalState.EXPIRED
+    assert state(store) is ApprovalState.APPROVED
 
 
 def test_deciding_just_before_expiry_succeeds() -> None:
@@ -270,7 +343,7 @@ def test_subscribers_see_every_change_in_order() -> None:
 
 
 def test_unsubscribed_function_is_not_called() -> None:
-    store = ApprovalStore()
+    store = Book()
     seen: list[Approval] = []
     unsubscribe = store.subscribe(seen.append)
     unsubscribe()
@@ -280,7 +353,7 @@ def test_unsubscribed_function_is_not_called() -> None:
 
 
 def test_failing_subscriber_is_logged_and_the_others_still_run(caplog: pytest.LogCaptureFixture) -> None:
-    store = ApprovalStore()
+    store = Book()
 
     def broken(approval: Approval) -> None:
         raise RuntimeError("boom")
@@ -295,12 +368,95 @@ def test_failing_subscriber_is_logged_and_the_others_still_run(caplog: pytest.Lo
 
 
 def test_pending_count_follows_each_clients_undecided_approvals() -> None:
-    from dataclasses import replace
-
-    store = ApprovalStore()
+    store = Book()
     first = store.create(replace(make_approval("a1"), client_id="c1"))
     store.create(replace(make_approval("a2"), client_id="c1"))
     store.create(replace(make_approval("a3"), client_id="c2"))
     assert (store.pending_count("c1"), store.pending_count("c2"), store.pending_count("c3")) == (2, 1, 0)
     store.approve(first.id, by="op", note="", now=T0)
     assert store.pending_count("c1") == 1
+
+
+def test_an_operator_cannot_approve_their_own_request_and_nothing_changes() -> None:
+    store, seen = store_with(make_approval())
+    with pytest.raises(PermissionDenied, match="own request"):
+        store.approve("apr_1", by=AGENT, note="", now=T0 + 1)
+    assert state(store) is ApprovalState.PENDING and len(seen) == 1
+
+
+def test_a_caller_at_its_pending_limit_is_refused_and_nothing_is_recorded() -> None:
+    store = Book()
+    store.create(make_approval("a1"), max_pending=2)
+    store.create(make_approval("a2"), max_pending=2)
+    with pytest.raises(QuotaExceeded, match="waiting on 2 approvals"):
+        store.create(make_approval("a3"), max_pending=2)
+    assert store.get("a3") is None and store.pending_count(AGENT) == 2
+
+
+def test_two_requests_planned_in_one_batch_count_against_the_limit() -> None:
+    store = Book()
+
+    def both(batch: Batch) -> None:
+        batch.request_approval(make_approval("a1"), now=T0, max_pending=1)
+        batch.request_approval(make_approval("a2"), now=T0, max_pending=1)
+
+    with pytest.raises(QuotaExceeded):
+        store.run(both)
+    assert store.list(include_decided=True) == []
+
+
+def test_a_released_approval_is_usable_again_once() -> None:
+    store, _ = store_with(make_approval())
+    _approve(store, T0 + 1)
+    _consume(store, T0 + 2)
+    store.release("apr_1", now=T0 + 3)
+    assert state(store) is ApprovalState.APPROVED and store.get("apr_1").lease_id == ""  # type: ignore[union-attr]
+    assert store.consume("apr_1", now=T0 + 4).state is ApprovalState.USED
+    with pytest.raises(ApprovalNotPending):
+        _consume(store, T0 + 5)
+
+
+def test_releasing_an_approval_that_is_not_used_changes_nothing() -> None:
+    store, seen = store_with(make_approval())
+    _approve(store, T0 + 1)
+    store.release("apr_1", now=T0 + 2)
+    store.release("apr_unknown", now=T0 + 2)
+    assert state(store) is ApprovalState.APPROVED and len(seen) == 2
+
+
+def test_every_approval_event_survives_the_log_codec() -> None:
+    store, _ = store_with(make_approval(), make_approval("a1"), make_approval("a2"))
+    _approve(store, T0 + 1)
+    _consume(store, T0 + 2)
+    store.release("apr_1", now=T0 + 3)
+    store.deny("a1", by=OPS, note="no", now=T0 + 4)
+    store.expire_due(T0 + TTL)
+    events = [e for e in store.events if hasattr(e, "change")]
+    assert {e.change for e in events} == set(Change)
+    for event in events:
+        kind, text = encode(event)
+        again = decode(kind, json.loads(text))
+        assert again == event and again.approval.request == event.approval.request
+
+
+def test_a_table_replaying_the_events_holds_the_same_approvals() -> None:
+    store, _ = store_with(make_approval(), make_approval("a1"), make_approval("a3", ttl=60))
+    _approve(store, T0 + 1)
+    store.deny("a1", by=OPS, note="", now=T0 + 2)
+    store.expire_due(T0 + 60)
+    replica = LeaseTable()
+    for seq, event in enumerate(store.events, start=1):
+        replica.apply_at(seq, event)
+        replica.apply_at(seq, event)  # a replica that reads a row twice applies it once
+    assert replica.approvals.list(include_decided=True) == store.list(include_decided=True)
+    assert replica.approvals.pending_count(AGENT) == store.pending_count(AGENT)
+
+
+def test_a_change_to_an_approval_this_table_has_forgotten_does_not_bring_it_back() -> None:
+    store, _ = store_with(make_approval())
+    _deny(store, T0 + 1)
+    late = store.events[-1]
+    store.expire_due(T0 + TTL + RETENTION_SECONDS)
+    assert store.get("apr_1") is None
+    store.table.apply(late)
+    assert store.get("apr_1") is None and store.list(include_decided=True) == []

@@ -478,3 +478,35 @@ def test_replaying_events_gives_the_same_records(clock: FakeClock) -> None:
             log.on_event(event)
         clock.advance(100)
     assert first.getvalue() == second.getvalue()
+
+
+def test_a_decision_is_written_from_its_typed_value_with_nothing_unset(audit: AuditLog, sink: io.StringIO) -> None:
+    from broker.ops.audit import Decided
+
+    audit.decision(
+        Decided(client_id="spiffe://td/a", actions=("repo:read",), allowed=False, reason="no policy", task_id=""),
+        required=False,
+    )
+    [record] = [json.loads(line) for line in sink.getvalue().splitlines()]
+    assert record["kind"] == "decision" and record["decision"] == "deny"
+    assert {k: record[k] for k in ("client_id", "actions", "policies", "reason")} == {
+        "client_id": "spiffe://td/a", "actions": ["repo:read"], "policies": [], "reason": "no policy"
+    }
+    assert not {"principal", "task_id", "renewal", "approval_required", "delegated"} & set(record)
+
+
+@pytest.mark.parametrize("required", [True, False], ids=["grant-depends-on-it", "refusal"])
+def test_a_decision_that_cannot_be_written_refuses_only_when_a_grant_depends_on_it(required: bool) -> None:
+    from broker.domain.errors import AuditUnavailable
+    from broker.ops.audit import Decided
+
+    sink = io.StringIO()
+    sink.close()
+    audit = AuditLog(sink, clock=FakeClock(start=0))
+    decided = Decided(client_id="c", actions=("a",), allowed=True, reason="")
+    if required:
+        with pytest.raises(AuditUnavailable):
+            audit.decision(decided, required=True)
+    else:
+        audit.decision(decided, required=False)
+    assert audit.failed_writes == 1

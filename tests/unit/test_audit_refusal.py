@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.approvals.store import ApprovalState
 from broker.domain.errors import AuditUnavailable, PolicyDenied
 from broker.leases.table import LeaseState
 from broker.ops.audit import AuditLog
@@ -16,7 +17,7 @@ from broker.testing.jwt_issuer import JwtSvidIssuer
 from broker.testing.x509_ca import SpiffeCA
 from broker.usecases.issuance import ISSUED, PENDING_APPROVAL
 from tests.support.faults import FullDisk
-from tests.unit.test_use_cases import AGENT, OPERATOR, T0, TD, Authorities, Broker, _build
+from tests.unit.test_use_cases import AGENT, T0, TD, Authorities, Broker, _build
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +111,36 @@ def test_an_approved_request_is_not_issued_while_audit_fails(
     caller = broker.x509_caller(AGENT)
     pending = broker.ask(caller, actions=("deploy",), resource="service:app", audience="service:app", ttl=60)
     assert pending.state == PENDING_APPROVAL
-    broker.approvals.approve(pending.approval_id, by=OPERATOR, note="", now=T0)
+    broker.decide(pending.approval_id)
     disk.full = True
     with pytest.raises(AuditUnavailable):
         asyncio.run(broker.exchange.await_approval(caller, pending.approval_id))
     disk.full = False
     assert asyncio.run(broker.exchange.await_approval(caller, pending.approval_id)).state == ISSUED
+
+
+def test_an_approval_that_cannot_be_recorded_is_refused_and_stays_pending(
+    signers: Authorities, tmp_path: Path, disk: FullDisk
+) -> None:
+    broker = _broker(signers, tmp_path, disk)
+    caller = broker.x509_caller(AGENT)
+    pending = broker.ask(caller, actions=("deploy",), resource="service:app", audience="service:app", ttl=60)
+    disk.full = True
+    with pytest.raises(AuditUnavailable):
+        broker.decide(pending.approval_id)
+    [approval] = broker.approvals.list(include_decided=True)
+    assert approval.state is ApprovalState.PENDING
+    disk.full = False
+    assert broker.decide(pending.approval_id).state is ApprovalState.APPROVED
+
+
+def test_a_denial_goes_through_while_audit_fails(signers: Authorities, tmp_path: Path, disk: FullDisk) -> None:
+    broker = _broker(signers, tmp_path, disk)
+    pending = broker.ask(
+        broker.x509_caller(AGENT), actions=("deploy",), resource="service:app", audience="service:app", ttl=60
+    )
+    disk.full = True
+    assert broker.decide(pending.approval_id, approve=False).state is ApprovalState.DENIED
 
 
 def test_a_refusal_is_still_answered_while_audit_fails(

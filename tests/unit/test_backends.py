@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
 from broker.backends.base import BackendStatus, Secret, frozen
-from broker.backends.manager import RECONCILE_SECONDS, Backends, retry_delay
+from broker.backends.manager import (
+    ORPHAN_GRACE_SECONDS,
+    PROVISION_DEADLINE_SECONDS,
+    RECONCILE_SECONDS,
+    Backends,
+    retry_delay,
+)
 from broker.backends.pending import MemoryPendingStore, PendingRevocation
 from broker.backends.postgres import PostgresBackend
 from broker.config.backends import BackendConfig
 from broker.domain.errors import BackendUnavailable, PermissionDenied
-from broker.leases.events import Lease, Reason
+from broker.leases.events import Lease, LeaseEnded, Reason
 from broker.leases.table import LeaseTable
 from broker.ops.audit import AuditLog
 from broker.testing.clock import FakeClock
@@ -30,6 +37,7 @@ class FakeBackend:
     audience: str = "postgres://analytics"
     status: BackendStatus = field(default_factory=lambda: BackendStatus(up=True))
     present: set[str] = field(default_factory=set)
+    made_at: dict[str, float] = field(default_factory=dict)  # a role without an entry counts as old
     failures: int = 0
     revoked: list[str] = field(default_factory=list)
     counter: int = 0
@@ -50,24 +58,42 @@ class FakeBackend:
 
     async def close(self) -> None: ...
 
-    async def provision(self, role: str, groups: tuple[str, ...], expires_at: float) -> Secret:
+    async def provision(self, role: str, groups: tuple[str, ...], expires_at: float, *, created_at: float) -> Secret:
         self.present.add(role)
+        self.made_at[role] = created_at
         return Secret(backend=self.name, fields=frozen({"username": role, "password": "pw"}), expires_at=expires_at)
 
     async def renew(self, role: str, expires_at: float) -> None: ...
 
-    async def revoke(self, role: str) -> None:
+    async def revoke(self, role: str) -> bool:
         if self.failures:
             self.failures -= 1
             self.status = BackendStatus(up=False, error="connection refused")
             raise BackendUnavailable("backend analytics: connection refused")
         self.status = BackendStatus(up=True)
+        if role not in self.present:
+            return False
         self.present.discard(role)
         self.revoked.append(role)
+        return True
 
-    async def roles(self) -> set[str]:
+    async def roles(self) -> dict[str, float]:
         self.status = BackendStatus(up=True)
-        return set(self.present)
+        return {role: self.made_at.get(role, 0.0) for role in self.present}
+
+
+@dataclass
+class FakeLeases:
+    """The lease store as the backends read it; `on_sync` runs at the read barrier (another
+    replica's commit arriving)."""
+
+    table: LeaseTable
+    durable: bool = False
+    on_sync: list = field(default_factory=list)
+
+    async def sync(self) -> None:
+        while self.on_sync:
+            self.on_sync.pop(0)()
 
 
 @dataclass
@@ -77,22 +103,36 @@ class Kit:
     backends: Backends
     leases: LeaseTable
     audit: io.StringIO
+    store: FakeLeases
+    deafen: Callable[[], None]  # from then on, what the table applies was committed by another replica
+
+
+def make_kit(*, durable: bool) -> Kit:
+    clock = FakeClock(start=T0)
+    sink = io.StringIO()
+    backend = FakeBackend()
+    store = FakeLeases(LeaseTable(), durable=durable)
+    backends = Backends([backend], clock=clock, audit=AuditLog(sink, clock=clock), leases=store, clock_skew=30)
+    deafen = store.table.subscribe(backends.on_event)
+    return Kit(clock, backend, backends, store.table, sink, store, deafen)
 
 
 @pytest.fixture
 def kit() -> Kit:
-    clock = FakeClock(start=T0)
-    sink = io.StringIO()
-    backend = FakeBackend()
-    backends = Backends([backend], clock=clock, audit=AuditLog(sink, clock=clock))
-    leases = LeaseTable()
-    leases.subscribe(backends.on_event)
-    return Kit(clock, backend, backends, leases, sink)
+    """One broker on the memory store: its table holds every lease there is."""
+    return make_kit(durable=False)
+
+
+@pytest.fixture
+def shared() -> Kit:
+    """One replica on a durable store (its table is fed by the others' commits too)."""
+    return make_kit(durable=True)
 
 
 def grant(kit: Kit, role: str, lease_id: str = "l1") -> Lease:
     now = kit.clock.now()
-    kit.leases.open_task("t", "spiffe://example.org/a", now=now, deadline=now + 3600)
+    if kit.leases.get_task("t") is None:
+        kit.leases.open_task("t", "spiffe://example.org/a", now=now, deadline=now + 3600)
     lease = Lease(id=lease_id, task_id="t", subject="spiffe://example.org/a", client_id="spiffe://example.org/a",
                   audience=kit.backend.audience, scope=("db:read",), resource="db", issued_at=now,
                   expires_at=now + 60, token_exp=now + 60, backend=kit.backend.name, role=role)
@@ -210,7 +250,7 @@ def test_an_issuance_cancelled_while_the_role_was_being_made_queues_the_role_for
     entered = asyncio.Event()
     release = asyncio.Event()
 
-    async def slow_provision(role: str, groups: tuple[str, ...], expires_at: float) -> Secret:
+    async def slow_provision(role: str, groups: tuple[str, ...], expires_at: float, *, created_at: float) -> Secret:
         kit.backend.present.add(role)  # the statement reached the database...
         entered.set()
         await release.wait()  # ...and the caller goes away before it is confirmed
@@ -254,3 +294,90 @@ def test_reconciliation_runs_at_start_and_again_every_interval(kit: Kit) -> None
         await kit.backends.close()
 
     asyncio.run(run())
+
+
+# -- on a durable store, shared by replicas ----------------------------------------------------------
+
+
+def test_closing_on_a_durable_store_leaves_the_roles_of_live_leases_and_drops_what_is_pending(shared: Kit) -> None:
+    async def run() -> None:
+        shared.backend.present |= {"brk_live", "brk_ended"}
+        await shared.backends.start()
+        grant(shared, "brk_live", "l1")
+        grant(shared, "brk_ended", "l2")
+        shared.leases.revoke("l2", Reason.OPERATOR, now=shared.clock.now(), initiator="op")
+        await shared.backends.close()
+
+    asyncio.run(run())
+    assert shared.backend.revoked == ["brk_ended"] and "brk_live" in shared.backend.present
+    assert '"cause":"broker_stopped"' not in shared.audit.getvalue()
+
+
+def test_reconcile_reads_the_store_after_listing_so_a_lease_granted_meanwhile_keeps_its_role(shared: Kit) -> None:
+    async def run() -> int:
+        shared.backend.present.add("brk_other")  # made (long ago) by another replica...
+        shared.store.on_sync.append(lambda: grant(shared, "brk_other"))  # ...whose grant arrives now
+        return await shared.backends.reconcile("analytics")
+
+    assert asyncio.run(run()) == 0
+    assert shared.backends.pending() == []
+
+
+def test_on_a_durable_store_a_role_is_no_orphan_until_older_than_the_grace(shared: Kit) -> None:
+    async def run() -> list[int]:
+        shared.backend.present.add("brk_young")
+        shared.backend.made_at["brk_young"] = T0  # made just now, by another replica still granting
+        found = [await shared.backends.reconcile("analytics")]
+        shared.clock.advance(shared.backends.orphan_grace)
+        found.append(await shared.backends.reconcile("analytics"))
+        return found
+
+    assert asyncio.run(run()) == [0, 1]
+    assert shared.backends.orphan_grace == ORPHAN_GRACE_SECONDS + 30
+    assert [r.role for r in shared.backends.pending()] == ["brk_young"]
+
+
+def test_the_role_of_a_lease_ended_elsewhere_is_left_to_its_ender_for_the_grace(shared: Kit) -> None:
+    async def run() -> list[int]:
+        shared.backend.present.add("brk_x")
+        # Another replica ended the lease (this one did not commit it, so queues nothing)...
+        lease = grant(shared, "brk_x")
+        shared.deafen()
+        now = shared.clock.now()
+        shared.leases.apply(LeaseEnded(lease.ended(Reason.OPERATOR, at=now, initiator="op"), at=now))
+        found = [await shared.backends.reconcile("analytics")]  # ...and is dropping the role
+        shared.clock.advance(shared.backends.orphan_grace + 1)  # it did not (it died): the role is an orphan
+        found.append(await shared.backends.reconcile("analytics"))
+        return found
+
+    assert asyncio.run(run()) == [0, 1]
+
+
+def test_a_memory_store_has_no_grace_every_unaccounted_role_is_an_orphan(kit: Kit) -> None:
+    kit.backend.present.add("brk_new")
+    kit.backend.made_at["brk_new"] = T0
+    assert asyncio.run(kit.backends.reconcile("analytics")) == 1
+
+
+def test_a_lease_may_be_granted_for_a_role_only_within_the_provisioning_deadline(shared: Kit) -> None:
+    async def run() -> None:
+        role, _ = await shared.backends.provision(shared.backend, ("db:read",), shared.clock.now() + 60)
+        shared.clock.advance(PROVISION_DEADLINE_SECONDS)
+        shared.backends.check_in_time("analytics", role)
+        shared.clock.advance(1)
+        with pytest.raises(BackendUnavailable, match="took too long"):
+            shared.backends.check_in_time("analytics", role)
+
+    asyncio.run(run())
+
+
+def test_a_role_already_gone_is_not_recorded_as_dropped_by_this_replica(shared: Kit) -> None:
+    async def run() -> None:
+        await shared.backends.start()
+        grant(shared, "brk_gone")  # never present: dropped meanwhile by another replica
+        shared.leases.revoke("l1", Reason.OPERATOR, now=shared.clock.now(), initiator="op")
+        await settle(lambda: shared.backends.pending() == [])
+        await shared.backends.close()
+
+    asyncio.run(run())
+    assert "backend.role_dropped" not in shared.audit.getvalue()

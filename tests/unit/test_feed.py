@@ -329,3 +329,97 @@ def test_a_watcher_may_hold_only_a_bounded_number_of_streams() -> None:
         feed.subscribe(None, watcher="w")
 
     asyncio.run(scenario())
+
+
+class Log:
+    """A store's durable log of lease ends, as `history` reads it; records every page asked for."""
+
+    def __init__(self, table: LeaseTable) -> None:
+        self.ends: list[tuple[int, Lease]] = []
+        self.pages: list[tuple[int, int, int]] = []
+        self.gone_through = 0
+        table.subscribe(lambda e: self.ends.append((table.seq, e.lease)) if type(e).__name__ == "LeaseEnded" else None)
+
+    async def read(self, after: int, until: int, limit: int) -> list[tuple[int, Lease]]:
+        self.pages.append((after, until, limit))
+        if after < self.gone_through:
+            raise CursorTooOld("resume_after is older than the events the store keeps")
+        await asyncio.sleep(0)  # a real read awaits: the window may move meanwhile
+        return [(s, lease) for s, lease in self.ends if after < s <= until][:limit]
+
+
+async def _read_ids(feed: RevocationFeed, sub: Subscription, n: int) -> list[str]:
+    return [(await asyncio.wait_for(feed.next(sub), 5))[1].id for _ in range(n)]
+
+
+def test_resuming_before_the_window_reads_the_log_then_the_window_each_end_once_in_order() -> None:
+    async def scenario() -> list[str]:
+        table = _table()
+        log = Log(table)
+        feed = RevocationFeed(table, window=2, history=log.read)
+        for lease_id in "abcdefg":
+            _grant(table, lease_id)
+        _revoke(table, "a")
+        cursor = log.ends[0][0]
+        for lease_id in "bcdef":
+            _revoke(table, lease_id)
+        assert feed.floor > cursor  # b, c, d have left the window
+        sub = feed.subscribe(None, resume_after=cursor)
+        got = await _read_ids(feed, sub, 5)
+        assert log.pages and log.pages[0][0] == cursor
+        _revoke(table, "g")  # live again, from the window
+        return got + await _read_ids(feed, sub, 1)
+
+    assert asyncio.run(scenario()) == ["b", "c", "d", "e", "f", "g"]
+
+
+def test_history_is_read_in_pages_and_filtered_by_audience(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("broker.leases.feed.HISTORY_PAGE", 2)
+
+    async def scenario() -> tuple[list[str], int]:
+        table = _table()
+        log = Log(table)
+        feed = RevocationFeed(table, window=1, history=log.read)
+        ids = [f"l{i}" for i in range(8)]
+        for i, lease_id in enumerate(ids):
+            _grant(table, lease_id, audience=REPO if i % 2 else CI)
+        for lease_id in ids:
+            _revoke(table, lease_id)
+        sub = feed.subscribe(REPO, resume_after=0)
+        return await _read_ids(feed, sub, 4), len(log.pages)
+
+    got, pages = asyncio.run(scenario())
+    assert got == ["l1", "l3", "l5", "l7"]
+    assert pages >= 4  # 7 old ends, 2 per page
+
+
+def test_resuming_where_the_log_is_gone_too_is_out_of_range() -> None:
+    async def scenario() -> None:
+        table = _table()
+        log = Log(table)
+        feed = RevocationFeed(table, window=1, history=log.read)
+        for lease_id in "abc":
+            _grant(table, lease_id)
+            _revoke(table, lease_id)
+        log.gone_through = log.ends[1][0]
+        sub = feed.subscribe(None, resume_after=log.ends[0][0])
+        with pytest.raises(CursorTooOld):
+            await feed.next(sub)
+
+    asyncio.run(scenario())
+
+
+def test_a_cursor_inside_the_window_never_reads_the_log() -> None:
+    async def scenario() -> list[str]:
+        table = _table()
+        log = Log(table)
+        feed = RevocationFeed(table, window=8, history=log.read)
+        for lease_id in "ab":
+            _grant(table, lease_id)
+            _revoke(table, lease_id)
+        sub = feed.subscribe(None, resume_after=log.ends[0][0])
+        got = await _read_ids(feed, sub, 1)
+        assert log.pages == []
+        return got
+
+    assert asyncio.run(scenario()) == ["b"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from broker.approvals.store import RETENTION_SECONDS, ApprovalState, ApprovalStore
+from broker.approvals.store import RETENTION_SECONDS, ApprovalState
 from broker.domain.errors import (
     ApprovalDenied,
     ApprovalExpired,
@@ -164,7 +164,7 @@ class LeaseMachine(RuleBasedStateMachine):
         self.clock = FakeClock(start=T0)
         self.loop = asyncio.new_event_loop()
         self.leases = LeaseTable(tombstone_grace=GRACE)
-        self.approvals = ApprovalStore()
+        self.approvals = self.leases.approvals
         self.minter = TokenMinter(BROKER_ID, SigningKey.generate())
         audit = AuditLog(io.StringIO(), clock=self.clock)
         self.store = MemoryStore(self.leases, minter=self.minter)
@@ -177,11 +177,11 @@ class LeaseMachine(RuleBasedStateMachine):
         issuer = Issuer(settings=settings, **core)
         policy = PolicyEngine.from_files(folder / "broker.cedar")
         self.exchange = Exchange(
-            verifiers=verifiers, policy=policy, approvals=self.approvals, issuer=issuer, settings=settings, **core
+            verifiers=verifiers, policy=policy, issuer=issuer, settings=settings, **core
         )
         self.leasing = Leasing(policy=policy, issuer=issuer, settings=settings, **core)
-        self.admin = Admin(policy=policy, approvals=self.approvals, **core)
-        self.reaper = Reaper(store=self.store, approvals=self.approvals, minter=self.minter, clock=self.clock)
+        self.admin = Admin(policy=policy, **core)
+        self.reaper = Reaper(store=self.store, minter=self.minter, clock=self.clock)
         self.model = Model()
 
     def _on_event(self, event: object) -> None:
@@ -424,7 +424,7 @@ class LeaseMachine(RuleBasedStateMachine):
             expected = ApprovalExpired
         decide = self.admin.approve if approve else self.admin.deny
         try:
-            decide(self.callers[OPERATOR], approval.id, "")
+            self._run(decide(self.callers[OPERATOR], approval.id, ""))
         except BrokerError as e:
             assert type(e) is expected, e
             return self._expect_ended(set())

@@ -32,6 +32,7 @@ class Loop:
     approvals: ApprovalStore
     minter: TokenMinter
     reaper: Reaper
+    store: MemoryStore
     task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -63,10 +64,10 @@ def _loop(*, task_deadline: float = T0 + 3600) -> Loop:
     clock = FakeClock(start=T0)
     leases = LeaseTable(tombstone_grace=GRACE)
     leases.open_task("task-1", OWNER, now=T0, deadline=task_deadline)
-    approvals = ApprovalStore()
     minter = TokenMinter(ISSUER, SigningKey.generate())
-    reaper = Reaper(store=MemoryStore(leases, minter=minter), approvals=approvals, minter=minter, clock=clock)
-    return Loop(clock, leases, approvals, minter, reaper)
+    store = MemoryStore(leases, minter=minter)
+    reaper = Reaper(store=store, minter=minter, clock=clock)
+    return Loop(clock, leases, leases.approvals, minter, reaper, store)
 
 
 def _grant(loop: Loop, lease_id: str, ttl: float, *, parent_id: str | None = None) -> Lease:
@@ -235,7 +236,7 @@ def test_task_deadline_expires_the_task_and_its_leases() -> None:
 
 def test_approval_expires_at_its_deadline() -> None:
     async def scenario(loop: Loop) -> None:
-        loop.approvals.create(_approval("apr_1", expires_at=T0 + 20))
+        loop.store.run(lambda b: b.request_approval(_approval("apr_1", expires_at=T0 + 20), now=T0, max_pending=9))
         await settle()
         await loop.advance(19)
         assert loop.approvals.get("apr_1").state is ApprovalState.PENDING  # type: ignore[union-attr]
@@ -247,8 +248,8 @@ def test_approval_expires_at_its_deadline() -> None:
 
 def test_decided_approval_is_not_expired() -> None:
     async def scenario(loop: Loop) -> None:
-        loop.approvals.create(_approval("apr_1", expires_at=T0 + 20))
-        loop.approvals.deny("apr_1", by=OPS, note="no", now=T0)
+        loop.store.run(lambda b: b.request_approval(_approval("apr_1", expires_at=T0 + 20), now=T0, max_pending=9))
+        loop.store.run(lambda b: b.decide_approval("apr_1", approve=False, by=OPS, note="no", now=T0))
         await settle()
         await loop.advance(21)
         assert loop.approvals.get("apr_1").state is ApprovalState.DENIED  # type: ignore[union-attr]

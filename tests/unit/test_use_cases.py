@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from broker.approvals.store import ApprovalStore
+from broker.approvals.store import Approval, ApprovalStore
 from broker.domain.errors import (
     ApprovalDenied,
     BrokerError,
@@ -47,6 +47,7 @@ from broker.tokens.minter import TokenMinter
 from broker.usecases.exchange import Exchange
 from broker.usecases.issuance import ISSUED, PENDING_APPROVAL, Issued, Issuer, Settings
 from broker.usecases.lifecycle import Leasing
+from broker.usecases.operations import Admin
 from broker.verify import JwtSvidVerifier, Verifiers, X509SvidVerifier
 
 T0 = 1_750_000_000
@@ -110,7 +111,16 @@ class Broker:
     settings: Settings
     exchange: Exchange
     leasing: Leasing
+    admin: Admin
     tokens: list[str] = field(default_factory=list)  # every token seen, to check the audit
+
+    def operator(self) -> Identity:
+        return Identity(principal=OPERATOR, kind=AuthKind.X509_SVID, expires_at=self.clock.now() + DAY)
+
+    def decide(self, approval_id: str, *, approve: bool = True, note: str = "") -> Approval:
+        """An operator's decision, through the operators' use case."""
+        decide = self.admin.approve if approve else self.admin.deny
+        return asyncio.run(decide(self.operator(), approval_id, note))
 
     def x509_caller(self, spiffe_id: str, *, ttl: float = DAY) -> Identity:
         """A caller proven by an X.509-SVID, verified by the real verifier."""
@@ -212,7 +222,7 @@ def _build(
     policy_path.write_text(POLICY)
     policy = PolicyEngine.from_files(policy_path)
     leases = LeaseTable(tombstone_grace=300)
-    approvals = ApprovalStore()
+    approvals = leases.approvals
     minter = TokenMinter(BROKER_ID, SigningKey.generate())
     buffer = io.StringIO()
     audit = AuditLog(buffer if sink is None else sink, clock=clock, on_failure=on_failure)
@@ -233,8 +243,9 @@ def _build(
         audit_sink=buffer if sink is None else sink.buffer,
         verifiers=verifiers,
         settings=settings,
-        exchange=Exchange(verifiers=verifiers, policy=policy, approvals=approvals, issuer=issuer, **core),
+        exchange=Exchange(verifiers=verifiers, policy=policy, issuer=issuer, **core),
         leasing=Leasing(policy=policy, issuer=issuer, **core),
+        admin=Admin(policy=policy, store=store, minter=minter, audit=audit, clock=clock),
     )
 
 
@@ -681,7 +692,7 @@ def test_await_approval_issues_once_an_operator_approves(broker: Broker) -> None
         waiter = asyncio.create_task(broker.exchange.await_approval(caller, pending.approval_id))
         await asyncio.sleep(0)
         assert not waiter.done()
-        broker.approvals.approve(pending.approval_id, by=OPERATOR, note="ok", now=broker.clock.now())
+        await broker.admin.approve(broker.operator(), pending.approval_id, "ok")
         return await waiter
 
     issued = asyncio.run(scenario())
@@ -693,7 +704,7 @@ def test_await_approval_issues_once_an_operator_approves(broker: Broker) -> None
 def test_await_approval_after_a_denial_is_approval_denied(broker: Broker) -> None:
     caller = broker.x509_caller(AGENT)
     pending = _deploy(broker, caller)
-    broker.approvals.deny(pending.approval_id, by=OPERATOR, note="not today", now=T0)
+    broker.decide(pending.approval_id, approve=False, note="not today")
     with pytest.raises(ApprovalDenied, match="not today"):
         asyncio.run(broker.exchange.await_approval(caller, pending.approval_id))
     assert broker.leases.counts()["active"] == 0
@@ -702,7 +713,7 @@ def test_await_approval_after_a_denial_is_approval_denied(broker: Broker) -> Non
 def test_renewal_of_an_approved_lease_needs_a_fresh_approval(broker: Broker) -> None:
     caller = broker.x509_caller(AGENT)
     pending = _deploy(broker, caller)
-    broker.approvals.approve(pending.approval_id, by=OPERATOR, note="", now=T0)
+    broker.decide(pending.approval_id)
     issued = asyncio.run(broker.exchange.await_approval(caller, pending.approval_id))
     with pytest.raises(PolicyDenied, match="fresh approval"):
         broker.renew(caller, _id(issued), 60)
