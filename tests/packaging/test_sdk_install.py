@@ -21,7 +21,7 @@ from broker.client import AgentClient, PemIdentity, SyncAgentClient
 from broker.verifier import TokenVerifier
 TokenVerifier(issuer="spiffe://example.org/broker", audience="spiffe://example.org/service/repo",
               jwks_url="http://127.0.0.1:1/jwks", revocations="none")
-absent = [m for m in ("cedarpy", "prometheus_client", "grpc_health", "grpc_reflection", "psycopg", "mcp")
+absent = [m for m in ("cedarpy", "prometheus_client", "grpc_health", "grpc_reflection", "psycopg", "orjson", "mcp")
           if importlib.util.find_spec(m) is not None]
 assert not absent, f"server or extra parts installed: {absent}"
 try:
