@@ -276,7 +276,9 @@ class PostgresStore:
         if self._pool is None:
             raise StoreUnavailable("lease store is not started")
         if self._pool_stale:
-            await self._renew_pool()
+            # Bounded like a pool checkout: a server that does not answer fails the call in 2 s
+            # (TimeoutError is an OSError, so the caller's handler turns it into UNAVAILABLE).
+            await asyncio.wait_for(self._renew_pool(), POOL_TIMEOUT)
         async with self._pool.connection(timeout=POOL_TIMEOUT) as conn:
             yield conn
 
