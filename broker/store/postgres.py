@@ -218,14 +218,17 @@ class PostgresStore:
         async with self._writer:
             batch: Batch | None = None
             try:
-                async with self._connection() as conn, conn.transaction():
+                # Pipelined: BEGIN, the lock and the read go out together and are answered in one
+                # round trip; the insert, the notification and COMMIT in a second.
+                async with self._connection() as conn, conn.pipeline(), conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
                     await self._read_new(conn)
                     batch = Batch(self.table)
                     result = plan(batch)
-                    seqs = await self._append(conn, batch.events) if batch.events else []
+                    appended = await self._append(conn, batch.events) if batch.events else None
                     if self._publish_pending:
                         await self._insert_key(conn)
+                seqs = sorted(row[0] for row in await appended.fetchall()) if appended is not None else []
             except _DB_ERRORS as e:
                 if batch is not None:
                     batch.restore()
@@ -246,7 +249,8 @@ class PostgresStore:
             for fn in self._committed:
                 fn(event)
 
-    async def _append(self, conn: psycopg.AsyncConnection, events: list[Event]) -> list[int]:
+    async def _append(self, conn: psycopg.AsyncConnection, events: list[Event]) -> psycopg.AsyncCursor[Any]:
+        """Queue the batch's insert and its wake-up; the cursor answers the new `seq`s once synced."""
         kinds, bodies = zip(*(encode(e) for e in events), strict=True)
         cur = await conn.execute(
             "INSERT INTO broker_events (replica, kind, body) "
@@ -254,10 +258,10 @@ class PostgresStore:
             "RETURNING seq",
             (self.replica_id, list(kinds), list(bodies)),
         )
-        seqs = sorted(row[0] for row in await cur.fetchall())
-        # The payload is only a wake-up: a sequence number, never a lease's content.
-        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seqs[-1])))
-        return seqs
+        # The payload is only a wake-up: a sequence number (this session's last), never a lease's content.
+        await conn.execute("SELECT pg_notify(%s, currval(pg_get_serial_sequence('broker_events', 'seq'))::text)",
+                           (CHANNEL,))
+        return cur
 
     async def expire(self, now: float, *, limit: int) -> list[Lease]:
         # Probe locally first: most due entries are stale here (another replica ended the lease,
@@ -276,7 +280,9 @@ class PostgresStore:
         if self._pool is None:
             raise StoreUnavailable("lease store is not started")
         if self._pool_stale:
-            await self._renew_pool()
+            # Bounded like a pool checkout: a server that does not answer fails the call in 2 s
+            # (TimeoutError is an OSError, so the caller's handler turns it into UNAVAILABLE).
+            await asyncio.wait_for(self._renew_pool(), POOL_TIMEOUT)
         async with self._pool.connection(timeout=POOL_TIMEOUT) as conn:
             yield conn
 
