@@ -1,8 +1,9 @@
 """The broker's own credentials: RFC 9068 JWT access tokens, minted and verified here.
 
-Tokens are signed with ES256 (P-256, the default) or EdDSA (Ed25519) through PyJWT. The
-`kid` is the RFC 7638 thumbprint of the public key, so it names the key and nothing else.
-Key objects are prepared once per key, not per call: minting happens on every Exchange.
+Tokens are signed with ES256 (P-256, the default) or EdDSA (Ed25519) straight on
+`cryptography`, and verified through PyJWT's algorithm objects. The `kid` is the RFC 7638
+thumbprint of the public key, so it names the key and nothing else. Key objects are prepared
+once per key, not per call: minting happens on every Exchange.
 """
 
 from __future__ import annotations
