@@ -401,9 +401,14 @@ def lease_counts(http_port: int, audit: Path) -> dict[str, int]:
 
 
 def lift_rate_limit(config: Path) -> None:
-    """Set `[limits] rate_per_second` and `rate_burst` high in the dev config."""
-    keep = [line for line in config.read_text().splitlines() if not line.startswith(("rate_per_second", "rate_burst"))]
-    lifted = [f"rate_per_second = {UNLIMITED}", f"rate_burst = {UNLIMITED}"]
+    """Set `[limits] rate_per_second`, `rate_burst` and `max_tasks_per_principal` high in the dev config.
+
+    A load run opens tasks far faster than an agent would, and a closed task counts against its
+    owner's quota until its deadline.
+    """
+    names = ("rate_per_second", "rate_burst", "max_tasks_per_principal")
+    keep = [line for line in config.read_text().splitlines() if not line.startswith(names)]
+    lifted = [f"rate_per_second = {UNLIMITED}", f"rate_burst = {UNLIMITED}", f"max_tasks_per_principal = {UNLIMITED}"]
     if "[limits]" in keep:
         at = keep.index("[limits]") + 1
         keep[at:at] = lifted

@@ -355,6 +355,7 @@ def _settings(config: Config) -> Settings:
         max_task_lifetime=tokens.max_task_lifetime,
         max_delegation_depth=tokens.max_delegation_depth,
         approval_ttl=config.approvals.ttl,
+        max_tasks_per_principal=config.limits.max_tasks_per_principal,
         introspectors=config.admin.introspectors,
         limits=_limits(config),
     )

@@ -120,6 +120,8 @@ class LimitsConfig:
     max_streams_per_watcher: int = 8
     # Unary calls running at once across the listeners; one more is RESOURCE_EXHAUSTED at once.
     max_concurrent_rpcs: int = 1000
+    # Tasks one principal may own at once (open, or closed but remembered until their deadline).
+    max_tasks_per_principal: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +305,7 @@ def _limits(t: Table) -> LimitsConfig:
         "watch_buffer",
         "max_concurrent_rpcs",
         "max_streams_per_watcher",
+        "max_tasks_per_principal",
     )
     d = LimitsConfig()
     return LimitsConfig(
@@ -314,6 +317,7 @@ def _limits(t: Table) -> LimitsConfig:
         max_concurrent_rpcs=t.integer("max_concurrent_rpcs", d.max_concurrent_rpcs, 1, 1_000_000),
         watch_buffer=t.integer("watch_buffer", d.watch_buffer, 1, 10_000_000),
         max_streams_per_watcher=t.integer("max_streams_per_watcher", d.max_streams_per_watcher, 1, 10_000),
+        max_tasks_per_principal=t.integer("max_tasks_per_principal", d.max_tasks_per_principal, 1, 10_000_000),
     )
 
 

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import jwt
@@ -13,7 +14,19 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from broker._proto import broker_pb2 as pb
-from tests.support.harness import BROKER_ID, PLANNER, RESOURCE_SERVER_ID, TD, WORKER, Harness, bearer
+from broker.testing.clock import FakeClock
+from tests.support.harness import (
+    BROKER_ID,
+    PLANNER,
+    RESOURCE_SERVER_ID,
+    TD,
+    WORKER,
+    Harness,
+    Material,
+    RunningBroker,
+    bearer,
+    write_config,
+)
 
 REPO = "repo:org/app"
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
@@ -346,3 +359,29 @@ def test_refusals_before_policy_are_audited_too(harness: Harness, tmp_path) -> N
     denied = [r for r in records if r["kind"] == "decision" and r["decision"] == "deny"]
     assert [(d["client_id"], d["task_id"]) for d in denied] == [(WORKER, "owned")]
     assert "another principal" in denied[0]["reason"]
+
+
+def _quota_request(task_id: str) -> pb.ExchangeRequest:
+    return pb.ExchangeRequest(
+        task_id=task_id, audience=RESOURCE_SERVER_ID, actions=["repo:read"], resource="repo:org/app"
+    )
+
+
+def test_the_task_quota_comes_from_the_config(material: Material, tmp_path: Path) -> None:
+    harness = Harness(
+        broker=RunningBroker(
+            write_config(material, tmp_path, extra="\n[limits]\nmax_tasks_per_principal = 2\n"), FakeClock()
+        ),
+        material=material,
+    )
+    try:
+        for task_id in ("q-1", "q-2"):
+            harness.agent(PLANNER).Exchange(_quota_request(task_id), timeout=5)
+        harness.agent(PLANNER).CompleteTask(pb.CompleteTaskRequest(task_id="q-1"), timeout=5)
+        with pytest.raises(grpc.RpcError) as err:  # a completed task still counts until its deadline
+            harness.agent(PLANNER).Exchange(_quota_request("q-3"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "already has 2 tasks" in err.value.details()
+        assert harness.agent(WORKER).Exchange(_quota_request("q-3"), timeout=5).state == "ISSUED"  # per principal
+    finally:
+        harness.close()
+        harness.broker.stop()

@@ -420,3 +420,4 @@ def test_resuming_before_the_window_on_the_memory_store_is_out_of_range(material
     finally:
         harness.close()
         harness.broker.stop()
+

@@ -74,7 +74,13 @@ GOOD: dict[str, Any] = {
     },
     "audit": {"path": "logs/audit.jsonl"},
     "approvals": {"ttl": "15m"},
-    "limits": {"max_context_entries": 8, "max_context_bytes": 1024, "max_actions": 4, "max_streams_per_watcher": 3},
+    "limits": {
+        "max_context_entries": 8,
+        "max_context_bytes": 1024,
+        "max_actions": 4,
+        "max_streams_per_watcher": 3,
+        "max_tasks_per_principal": 50,
+    },
 }
 
 MINIMAL: dict[str, Any] = {
@@ -143,7 +149,8 @@ def test_good_file_loads_every_value(folder: Path) -> None:
     )
     assert config.approvals == ApprovalsConfig(ttl=900)
     assert config.limits == LimitsConfig(
-        max_context_entries=8, max_context_bytes=1024, max_actions=4, max_streams_per_watcher=3
+        max_context_entries=8, max_context_bytes=1024, max_actions=4, max_streams_per_watcher=3,
+        max_tasks_per_principal=50,
     )
 
 
@@ -231,6 +238,7 @@ def test_minimal_file_takes_the_defaults(folder: Path) -> None:
     assert config.approvals == ApprovalsConfig()
     assert config.limits == LimitsConfig()
     assert (config.limits.max_streams_per_watcher, config.limits.watch_buffer) == (8, 65536)
+    assert config.limits.max_tasks_per_principal == 1000
 
 
 def test_the_postgres_store_reads_its_dsn_from_a_file_and_allows_reuse_port(folder: Path) -> None:
@@ -412,6 +420,7 @@ BAD = [
     Bad("issuer-not-a-string", ("tokens", "issuer"), 42, "tokens.issuer"),
     Bad("audit-on-failure-unknown", ("audit", "on_failure"), "ignore", "audit.on_failure"),
     Bad("limits-streams-zero", ("limits", "max_streams_per_watcher"), 0, "limits.max_streams_per_watcher"),
+    Bad("limits-tasks-zero", ("limits", "max_tasks_per_principal"), 0, "limits.max_tasks_per_principal"),
     # store
     Bad("reuse-port-with-memory-store", ("server", "reuse_port"), True, "server.reuse_port"),
     Bad("reuse-port-not-a-bool", ("server", "reuse_port"), "yes", "server.reuse_port"),
