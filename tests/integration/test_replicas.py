@@ -33,21 +33,32 @@ def request(task_id: str = "task-1", actions=("repo:read",), **kw) -> pb.Exchang
     return pb.ExchangeRequest(task_id=task_id, audience=RESOURCE_SERVER_ID, actions=list(actions), resource=REPO, **kw)
 
 
-@pytest.fixture
-def replicas(material: Material, tmp_path: Path, pg_dsn: str) -> Iterator[list[Harness]]:
+def _start(material: Material, tmp_path: Path, pg_dsn: str, names: str, extra: str = "") -> list[Harness]:
     clock = FakeClock()
     started: list[Harness] = []
     try:
-        for name in ("a", "b", "c"):
+        for name in names:
             folder = tmp_path / name
             folder.mkdir()
-            config = write_config(material, folder, extra=postgres_store(pg_dsn, name))
+            config = write_config(material, folder, extra=postgres_store(pg_dsn, name) + extra)
             started.append(Harness(broker=RunningBroker(config, clock), material=material))
-        yield started
-    finally:
-        for harness in started:
-            harness.close()
-            harness.broker.stop()
+    except BaseException:
+        _stop(started)
+        raise
+    return started
+
+
+def _stop(started: list[Harness]) -> None:
+    for harness in started:
+        harness.close()
+        harness.broker.stop()
+
+
+@pytest.fixture
+def replicas(material: Material, tmp_path: Path, pg_dsn: str) -> Iterator[list[Harness]]:
+    started = _start(material, tmp_path, pg_dsn, "abc")
+    yield started
+    _stop(started)
 
 
 def active(harness: Harness, token: str) -> bool:
@@ -358,20 +369,9 @@ def test_an_approval_expires_once_whatever_replicas_run(replicas: list[Harness])
 @pytest.fixture
 def small_windows(material: Material, tmp_path: Path, pg_dsn: str) -> Iterator[list[Harness]]:
     """Two replicas whose revocation feeds remember only the last 2 lease ends."""
-    clock = FakeClock()
-    started: list[Harness] = []
-    try:
-        for name in ("a", "b"):
-            folder = tmp_path / name
-            folder.mkdir()
-            extra = postgres_store(pg_dsn, name) + "\n[limits]\nwatch_buffer = 2\n"
-            started.append(Harness(broker=RunningBroker(write_config(material, folder, extra=extra), clock),
-                                   material=material))
-        yield started
-    finally:
-        for harness in started:
-            harness.close()
-            harness.broker.stop()
+    started = _start(material, tmp_path, pg_dsn, "ab", extra="\n[limits]\nwatch_buffer = 2\n")
+    yield started
+    _stop(started)
 
 
 def test_a_watcher_resuming_before_the_window_is_served_from_the_log_on_another_replica(
@@ -396,28 +396,4 @@ def test_a_watcher_resuming_before_the_window_is_served_from_the_log_on_another_
         resumed.close()
     assert [e.lease_id for e in got] == leases[1:7]
     assert len({e.cursor for e in got}) == 6
-
-
-def test_resuming_before_the_window_on_the_memory_store_is_out_of_range(material: Material, tmp_path: Path) -> None:
-    harness = Harness(
-        broker=RunningBroker(write_config(material, tmp_path, extra="\n[limits]\nwatch_buffer = 1\n"), FakeClock()),
-        material=material,
-    )
-    try:
-        leases = [harness.agent(PLANNER).Exchange(request(task_id=f"m-{i}"), timeout=5).lease_id for i in range(3)]
-        watch = _Watch(harness)
-        harness.operator().Revoke(pb.RevokeRequest(lease_id=leases[0]), timeout=5)
-        [seen] = watch.wait(1)
-        watch.close()
-        for lease_id in leases[1:]:
-            harness.operator().Revoke(pb.RevokeRequest(lease_id=lease_id), timeout=5)
-        call = harness.agent(RESOURCE_SERVER_ID).WatchRevocations(
-            pb.WatchRevocationsRequest(resume_after=seen.cursor), timeout=5
-        )
-        with pytest.raises(grpc.RpcError) as err:
-            next(iter(call))
-        assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
-    finally:
-        harness.close()
-        harness.broker.stop()
 
