@@ -117,11 +117,11 @@ class PostgresStore:
         self._health.append(fn)
 
     def _set_healthy(self, healthy: bool) -> None:
+        if not healthy:
+            self._pool_stale = True  # every failure, even while already down: the pool may be backing off again
         if healthy == self._healthy:
             return
         self._healthy = healthy
-        if not healthy:
-            self._pool_stale = True
         message = "lease store reachable" if healthy else "lease store unreachable"
         log.warning(message, extra={"replica": self.replica_id})
         for fn in self._health:

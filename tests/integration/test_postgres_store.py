@@ -216,3 +216,31 @@ def test_the_log_serves_old_lease_ends_until_housekeeping_deletes_them(pg_dsn: s
     assert [(lease.id, lease.reason) for _, lease in served] == [("x", Reason.OPERATOR), ("y", Reason.OPERATOR)]
     assert served[0][0] < served[1][0] and [s for s, _ in paged] == [served[0][0]]
     assert after_all == []
+
+
+def test_a_second_outage_before_the_store_was_seen_healthy_again_still_recovers_at_once() -> None:
+    with PostgresServer() as server:
+        dsn = server.create_database("twice")
+
+        async def main() -> list[bool]:
+            a = make_store("postgres", dsn, FakeClock(start=T0), replica="a")
+            await a.start()
+            assert a._tailer is not None
+            a._tailer.cancel()  # nobody else marks the store healthy between the outages
+            await asyncio.gather(a._tailer, return_exceptions=True)
+            renews_next: list[bool] = []
+            try:
+                for _ in range(2):
+                    server.stop("fast")
+                    with pytest.raises(StoreUnavailable):
+                        await a.sync()
+                    # Down again while still marked down: the next call must still renew the pool,
+                    # not wait out the old one's backoff.
+                    renews_next.append(a._pool_stale)
+                    server.start()
+                    await a.sync()  # the first call after the restart answers
+                return renews_next
+            finally:
+                await a.close()
+
+        assert asyncio.run(main()) == [True, True]
