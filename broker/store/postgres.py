@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from broker.domain.clock import Clock
 from broker.domain.errors import BrokerError, CursorTooOld, StoreUnavailable
@@ -62,6 +62,8 @@ _CONNECT: dict[str, Any] = {
     "keepalives_count": 3,
     "options": "-c statement_timeout=10000",
 }
+# The server shut down or is starting or stopping (SQLSTATE class 57P): as good as unreachable.
+_SERVER_GONE = frozenset({"57P01", "57P02", "57P03"})
 # Unreachable or failing in transit: the store is unavailable. Other database errors are bugs.
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError)
 
@@ -101,6 +103,7 @@ class PostgresStore:
         self._publish_pending = False
         self._background: set[asyncio.Task] = set()
         self._pool_stale = False
+        self._connect_errors = 0  # the pool's failed connection attempts seen so far
         self._renewing = asyncio.Lock()
         self._retired: list[AsyncConnectionPool] = []
         self._reloader: Reloader | None = None
@@ -128,9 +131,28 @@ class PostgresStore:
             fn(healthy)
 
     def _unavailable(self, error: BaseException) -> StoreUnavailable:
-        self._set_healthy(False)
+        # Every failure fails the call closed; only a lost server marks the store down (health,
+        # and a fresh pool on the next call). A statement timeout, a busy pool or a retired
+        # pool's waiters are not an outage, and replacing the pool for them would make one.
+        if self._connection_lost(error):
+            self._set_healthy(False)
         log.warning("lease store call failed", extra={"error": type(error).__name__})
         return StoreUnavailable("lease store unavailable: try again")
+
+    def _connection_lost(self, error: BaseException) -> bool:
+        if isinstance(error, PoolClosed):
+            return False
+        if isinstance(error, PoolTimeout):
+            # Waited for a connection: an outage when the pool's attempts to connect have been
+            # failing meanwhile, not when its connections were all busy.
+            if self._pool is None:
+                return True
+            failed = int(self._pool.get_stats().get("connections_errors", 0))
+            grew, self._connect_errors = failed > self._connect_errors, failed
+            return grew
+        if isinstance(error, psycopg.Error) and error.sqlstate is not None:
+            return error.sqlstate.startswith("08") or error.sqlstate in _SERVER_GONE
+        return True  # no SQLSTATE: the connection itself failed (refused, reset, timed out)
 
     # -- start and stop
 
@@ -202,7 +224,7 @@ class PostgresStore:
             except BaseException:
                 await pool.close(timeout=0)
                 raise
-            old, self._pool, self._pool_stale = self._pool, pool, False
+            old, self._pool, self._pool_stale, self._connect_errors = self._pool, pool, False, 0
             if old is not None:
                 self._retired.append(old)
                 self._spawn(self._retire(old))

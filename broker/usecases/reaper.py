@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from broker.approvals.store import ApprovalChanged
 from broker.domain.clock import Clock
+from broker.domain.errors import StoreUnavailable
 from broker.leases.table import LeaseGranted, LeaseRenewed, TaskOpened
 from broker.store.base import LeaseStore
 from broker.tokens.minter import TokenMinter
@@ -19,6 +21,9 @@ HOUSEKEEPING_SECONDS = 30.0
 # At most this many heap entries per pass: a burst of expiries (a task deadline, a clock jump)
 # is spread over several passes with the event loop free in between.
 BATCH = 1000
+# Real seconds between passes while the store cannot be reached.
+RETRY_FIRST = 0.2
+RETRY_MAX = 2.0
 
 
 class Reaper:
@@ -67,11 +72,18 @@ class Reaper:
             candidates.append(deadline)
         return min(candidates)
 
-    async def run(self) -> None:
-        """Loop until cancelled."""
+    async def run(self, *, pause: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """Loop until cancelled; while the store is unreachable, retry after `pause` (0.2 s doubling to 2 s)."""
+        backoff = 0.0
         while True:
             try:
                 await self.expire(limit=BATCH)
+                backoff = 0.0
+            except StoreUnavailable:
+                # The store logged it. What was due is still due: retry once it may be back, not in a spin.
+                backoff = min(max(backoff * 2, RETRY_FIRST), RETRY_MAX)
+                await pause(backoff)
+                continue
             except Exception:  # the loop must outlive a bug in one pass
                 log.exception("expiry pass failed")
             if self._leases.has_due(self._clock.now()):

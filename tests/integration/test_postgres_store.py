@@ -244,3 +244,32 @@ def test_a_second_outage_before_the_store_was_seen_healthy_again_still_recovers_
                 await a.close()
 
         assert asyncio.run(main()) == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("error", "lost"),
+    [
+        (psycopg.errors.QueryCanceled("canceling statement due to statement timeout"), False),
+        (psycopg.errors.SerializationFailure("could not serialize access"), False),
+        (psycopg.errors.AdminShutdown("terminating connection due to administrator command"), True),
+        (psycopg.errors.ConnectionFailure("connection failure"), True),
+        (psycopg.OperationalError("connection failed: Connection refused"), True),
+        (OSError("Connection reset by peer"), True),
+    ],
+    ids=["statement-timeout", "serialization", "admin-shutdown", "class-08", "refused", "reset"],
+)
+def test_only_a_lost_server_marks_the_store_down(error: BaseException, lost: bool) -> None:
+    store = make_store("postgres", "host=127.0.0.1 port=1 dbname=none", FakeClock(start=T0))
+    store._healthy = True
+    with pytest.raises(StoreUnavailable):
+        raise store._unavailable(error)
+    assert (store.healthy, store._pool_stale) == (not lost, lost)
+
+
+def test_waiters_of_a_retired_pool_do_not_mark_the_new_one_stale() -> None:
+    from psycopg_pool import PoolClosed
+
+    store = make_store("postgres", "host=127.0.0.1 port=1 dbname=none", FakeClock(start=T0))
+    store._healthy = True
+    store._unavailable(PoolClosed("the pool is closed"))
+    assert (store.healthy, store._pool_stale) == (True, False)

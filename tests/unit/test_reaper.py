@@ -299,3 +299,33 @@ def test_one_pass_expires_what_is_due_and_counts_it() -> None:
     loop.clock.advance(15)
     assert asyncio.run(loop.reaper.expire()) == 1
     assert [loop.lease(i).state for i in "ab"] == [LeaseState.EXPIRED, LeaseState.ACTIVE]
+
+
+def test_an_unreachable_store_is_retried_with_backoff_not_in_a_spin() -> None:
+    from broker.domain.errors import StoreUnavailable
+
+    class DownStore(MemoryStore):
+        passes = 0
+
+        async def expire(self, now: float, *, limit: int) -> list[Lease]:
+            DownStore.passes += 1
+            raise StoreUnavailable("lease store unavailable: try again")
+
+    pauses: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 6:
+            raise asyncio.CancelledError
+
+    async def main() -> None:
+        clock = FakeClock(start=T0)
+        leases = LeaseTable(tombstone_grace=GRACE)
+        minter = TokenMinter(ISSUER, SigningKey.generate())
+        reaper = Reaper(store=DownStore(leases, minter=minter), minter=minter, clock=clock)
+        with pytest.raises(asyncio.CancelledError):
+            await reaper.run(pause=pause)
+
+    asyncio.run(main())
+    assert pauses == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    assert DownStore.passes == 6
