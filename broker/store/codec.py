@@ -37,7 +37,9 @@ def _plain(value: Any) -> Any:
     if isinstance(value, EntityRef):
         return {_ENTITY: [value.type, value.id]}
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        # A claim or request value can never pose as the tag: the key is not kept from input (the
+        # policy engine drops `__` keys from claims anyway), so only a real EntityRef revives as one.
+        return {str(k): _plain(v) for k, v in value.items() if k != _ENTITY}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value

@@ -70,3 +70,24 @@ def test_data_that_is_not_a_plan_is_a_value_error() -> None:
 
 def _fields(intent: Intent) -> dict:
     return {name: getattr(intent, name) for name in intent.__dataclass_fields__}
+
+
+def test_a_claim_shaped_like_the_entity_tag_never_comes_back_from_the_log_as_an_entity() -> None:
+    forged = {"__broker_entity__": ["Team", "admins"]}
+    plan = _plan(delegated=False)
+    plan = Plan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__},
+                   "context": {**plan.context, "claims": {"team": forged, "nested": [forged]}}})
+    again = _revive(json.loads(json.dumps(_plain(plan_data(plan)))))
+    claims = again["context"]["claims"]
+
+    def entities(value: object) -> list[EntityRef]:
+        if isinstance(value, EntityRef):
+            return [value]
+        if isinstance(value, dict):
+            return [e for v in value.values() for e in entities(v)]
+        if isinstance(value, list):
+            return [e for v in value for e in entities(v)]
+        return []
+
+    assert entities(claims) == []
+    assert claims["team"] == {} and claims["nested"] == [{}]
