@@ -51,11 +51,15 @@ def _encode(record: Mapping[str, Any]) -> str:
     """One compact JSON line: orjson (three records per Exchange, a tenth of json's cost), else json.
 
     orjson refuses what json takes (ints beyond 64 bits, lone surrogates): those go through json.
+    A line must stay ASCII, as json writes it: orjson leaves non-ASCII text raw, and a raw
+    U+2028 or U+0085 splits the line for `splitlines()` readers, and a sink that is not UTF-8
+    would refuse the write (and so, with `refuse`, the request); such a record goes through json.
     """
     try:
-        return orjson.dumps(record).decode()
+        line = orjson.dumps(record).decode()
     except (TypeError, ValueError):  # orjson.JSONEncodeError is a TypeError
         return _ENCODER.encode(record)
+    return line if line.isascii() else _ENCODER.encode(record)
 
 
 def rfc3339(t: float) -> str:

@@ -510,3 +510,13 @@ def test_a_decision_that_cannot_be_written_refuses_only_when_a_grant_depends_on_
     else:
         audit.decision(decided, required=False)
     assert audit.failed_writes == 1
+
+
+@pytest.mark.parametrize(
+    "text", ["line\u2028separator", "next\u0085line", "r\u00e9sum\u00e9"], ids=["u2028", "nel", "e-acute"]
+)
+def test_every_record_is_one_ascii_line_whatever_text_it_holds(text: str, audit: AuditLog, sink: io.StringIO) -> None:
+    audit.record("decision", reason=text)
+    written = sink.getvalue()
+    assert written.isascii() and len(written.splitlines()) == 1
+    assert lines(sink)[0]["reason"] == text
