@@ -350,11 +350,16 @@ class PostgresStore:
                 pruned = await cur.fetchone()
         except _DB_ERRORS as e:
             raise self._unavailable(e) from e
-        if pruned is not None and after < int(pruned[0]):
+        # Without the row (written since schema version 2) how far the log was deleted is unknown.
+        if pruned is None or after < int(pruned[0]):
             raise CursorTooOld("resume_after is older than the events the store keeps: list leases to resynchronise")
         ended: list[tuple[int, Lease]] = []
         for seq, text in rows:
-            event = decode("LeaseEnded", json.loads(text))
+            try:
+                event = decode("LeaseEnded", json.loads(text))
+            except ValueError:  # as when tailing: one unreadable row must not end every resume
+                log.error("unreadable event in the log skipped", extra={"seq": seq, "kind": "LeaseEnded"})
+                continue
             assert isinstance(event, LeaseEnded)
             ended.append((int(seq), event.lease))
         return ended

@@ -41,6 +41,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO broker_meta (name, value) VALUES ('epoch', substr(md5(random()::text), 1, 8));
     """,
+    # 2: how far housekeeping has deleted the log (watchers resume from it only after this),
+    # counted from what a database of version 1 still holds
+    """
+    INSERT INTO broker_meta (name, value)
+    SELECT 'pruned_through', COALESCE(
+        (SELECT min(seq) - 1 FROM broker_events),
+        (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM broker_events_seq_seq)
+    )::text
+    ON CONFLICT (name) DO NOTHING;
+    """,
 )
 VERSION = len(MIGRATIONS)
 

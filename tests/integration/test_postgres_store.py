@@ -273,3 +273,23 @@ def test_waiters_of_a_retired_pool_do_not_mark_the_new_one_stale() -> None:
     store._healthy = True
     store._unavailable(PoolClosed("the pool is closed"))
     assert (store.healthy, store._pool_stale) == (True, False)
+
+
+def test_upgrading_a_version_1_log_records_how_far_it_was_already_deleted(pg_dsn: str) -> None:
+    from broker.store.schema import MIGRATIONS, ensure_schema
+
+    async def main() -> tuple[str, str]:
+        async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as conn:
+            await conn.execute("CREATE TABLE broker_schema (version integer NOT NULL)")
+            await conn.execute(MIGRATIONS[0])
+            await conn.execute("INSERT INTO broker_schema (version) VALUES (1)")
+            for kind in ("a", "b", "c"):
+                await conn.execute("INSERT INTO broker_events (replica, kind, body) VALUES ('old', %s, '{}')", (kind,))
+            await conn.execute("DELETE FROM broker_events WHERE kind = 'a'")  # pruned by a version-1 broker
+            assert await ensure_schema(conn) == 1
+            first = await (await conn.execute("SELECT min(seq) FROM broker_events")).fetchone()
+            row = await (await conn.execute("SELECT value FROM broker_meta WHERE name = 'pruned_through'")).fetchone()
+            return str(first[0] - 1), row[0]
+
+    expected, pruned = asyncio.run(main())
+    assert pruned == expected
