@@ -423,7 +423,7 @@ def _wire(
             window=config.limits.watch_buffer,
             max_streams_per_watcher=config.limits.max_streams_per_watcher,
             epoch=store.epoch,
-            history=store.ended_after if store.keeps_history else None,
+            history=store.ended_after if store.durable else None,
         ),
         reaper=Reaper(store=store, minter=minter, clock=clock),
         verifiers=verifiers,

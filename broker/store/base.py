@@ -44,7 +44,8 @@ class LeaseStore(Protocol):
     table: LeaseTable
     epoch: str
     replica_id: str
-    # True when leases outlive this process (other replicas serve them after it stops).
+    # True when leases outlive this process (other replicas serve them after it stops), and the
+    # log of lease ends does too (`ended_after` reads further back than the feed's window).
     durable: bool
 
     @property
@@ -77,13 +78,8 @@ class LeaseStore(Protocol):
         """
         ...
 
-    @property
-    def keeps_history(self) -> bool:
-        """True when `ended_after` can read lease ends older than the revocation feed's window."""
-        ...
-
     async def ended_after(self, after: int, until: int, limit: int) -> list[tuple[int, Lease]]:
-        """The lease ends with sequence numbers in (after, until], oldest first, at most `limit`.
+        """The lease ends with sequence numbers in (after, until], oldest first, at most `limit` (`durable` stores).
 
         Raises:
             CursorTooOld: the store no longer holds some of them.
@@ -177,10 +173,6 @@ class MemoryStore:
 
     async def sync(self) -> None:
         return None
-
-    @property
-    def keeps_history(self) -> bool:
-        return False
 
     async def ended_after(self, after: int, until: int, limit: int) -> list[tuple[int, Lease]]:
         raise CursorTooOld("resume_after is older than the end events the broker keeps: list leases to resynchronise")

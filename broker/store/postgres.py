@@ -326,10 +326,6 @@ class PostgresStore:
             if len(rows) < READ_BATCH:
                 return
 
-    @property
-    def keeps_history(self) -> bool:
-        return True
-
     async def ended_after(self, after: int, until: int, limit: int) -> list[tuple[int, Lease]]:
         """Lease ends in (after, until] from the log, for a watcher resuming before the feed's window.
 

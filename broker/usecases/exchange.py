@@ -303,7 +303,10 @@ class Exchange:
             parent = self._leases.get(str(parent_id))
             if parent is None or not parent.is_active(now):
                 raise LeaseInactive("the parent lease ended while the approval was pending")
-        plan = plan_from(approval.request, parent)
+        try:
+            plan = plan_from(approval.request, parent)
+        except ValueError as e:  # written by another version of the broker: refused, never guessed at
+            raise ApprovalNotPending("the approved request cannot be read by this broker: exchange again") from e
         # An approval vouches for the request, not for the policy: a forbid added since still wins.
         plan = replace(plan, decision=self._decide(plan))
         return await self._issuer.issue(plan, approval_id=approval.id)

@@ -874,3 +874,18 @@ def test_a_principal_with_too_many_tasks_cannot_open_another(build: Build) -> No
     with pytest.raises(QuotaExceeded, match="already has 2 tasks"):
         broker.ask(caller, task_id="t3")
     assert broker.leases.get_task("t3") is None
+
+
+def test_an_approved_request_this_broker_cannot_read_is_refused_and_issues_nothing(broker: Broker) -> None:
+    from dataclasses import replace as changed
+
+    from broker.domain.errors import ApprovalNotPending
+
+    caller = broker.x509_caller(AGENT)
+    pending = _deploy(broker, caller)
+    approval = broker.decide(pending.approval_id)
+    # As if written by another version of the broker: the table holds what the log said.
+    broker.approvals._approvals[approval.id] = changed(approval, request={"version": 99})
+    with pytest.raises(ApprovalNotPending, match="cannot be read"):
+        asyncio.run(broker.exchange.await_approval(caller, pending.approval_id))
+    assert broker.leases.counts()["active"] == 0
